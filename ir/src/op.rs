@@ -1,0 +1,481 @@
+//! Operations and their typing rules.
+
+use crate::expr::Expr;
+use crate::neuron::NeuronModel;
+use crate::types::{resolve_dim, DType, Dim, DimBindings, Shape, ValueType};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Whether a scan's state runs on across token boundaries or restarts at every token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StateScope {
+    /// The state carries across the T tokens of the call and out of it (final-state outputs).
+    Sequence,
+    /// The state restarts from the model's initial values at every token's first frame.
+    Token,
+}
+
+impl StateScope {
+    pub fn name(self) -> &'static str {
+        match self {
+            StateScope::Sequence => "sequence",
+            StateScope::Token => "token",
+        }
+    }
+}
+
+/// One operation. Operand conventions are documented per variant; `[B,T,K,C]` means
+/// batch, tokens, frames per token, channels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// A graph input fed at run time (token ids, targets, masks, carried neuron state).
+    Input { name: String },
+    /// A trained parameter, looked up by its checkpoint key.
+    Param { name: String },
+    /// (table [V,D], ids [B,T] int) → [B,T,D]: row lookup.
+    Embedding,
+    /// [B,T,D] → [B,T,K,D]: every token's vector repeated over its K frames.
+    RepeatFrames { frames: Dim },
+    /// [B,T,K,D] → [B,T,D]: uniform mean over the K frames.
+    MeanFrames,
+    /// (x [...,I], w [O,I], b [O] if `bias`) → [...,O]: x·wᵀ + b.
+    Linear { bias: bool },
+    /// (x [...,D], w [D]) → x / sqrt(mean_D x² + eps) · w.
+    RmsNorm { eps: f64 },
+    /// (q [...,D], gain [D]) → divisive normalisation q / sqrt(mean_D q² + eps) · gain.
+    LateralInhibition { eps: f64 },
+    /// Element-wise `expr` over operands `x0, x1, ...`, broadcast NumPy-style (trailing dims).
+    Map { expr: Expr },
+    /// A neuron scan: operands are the model's per-step inputs [B,T,K,C], then its per-channel
+    /// params [C], then the initial value of each state variable [B,C]. Results are the
+    /// `emit`ted outputs [B,T,K,C], then each state variable's final value [B,C].
+    /// Time runs over all T·K frames in order s = t·K + k.
+    Scan { neuron: String, emit: Vec<String>, scope: StateScope },
+    /// PonderNet halting: logits [B,T,K,1] → (λ̂ [B,T,K,1], E[K] [B,T,1]). p = clamp(σ(ℓ),
+    /// clamp, 1−clamp); λ_k = p_k·Π_{j<k}(1−p_j); λ̂ = λ/(Σλ + eps); E[K] = Σ k·λ̂_k (k from 1).
+    PonderWeights { clamp: f64, eps: f64 },
+    /// (frames [B,T,K,D], weights [B,T,K,1]) → [B,T,D]: Σ_k w_k·frame_k.
+    FrameWeightedSum,
+    /// [...,D] → x − mean_D(x): the residual centering.
+    CenterLast,
+    /// (logits [...,V], targets [...] int) → per-position cross-entropy [...], 0 where the
+    /// target is `ignore_index`.
+    CrossEntropy { ignore_index: i64 },
+    /// (x [...], mask [...]) → [] : Σ x·mask / Σ mask.
+    MaskedMean,
+    /// x [...] → [] : mean of all elements.
+    Mean,
+    /// Element type conversion.
+    Cast { to: DType },
+}
+
+/// An attribute value in the text form.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Attr {
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Ident(String),
+    List(Vec<Attr>),
+    Expr(Expr),
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param { .. } => "param",
+            Op::Embedding => "embedding",
+            Op::RepeatFrames { .. } => "repeat_frames",
+            Op::MeanFrames => "mean_frames",
+            Op::Linear { .. } => "linear",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::LateralInhibition { .. } => "lateral_inhibition",
+            Op::Map { .. } => "map",
+            Op::Scan { .. } => "scan",
+            Op::PonderWeights { .. } => "ponder_weights",
+            Op::FrameWeightedSum => "frame_weighted_sum",
+            Op::CenterLast => "center_last",
+            Op::CrossEntropy { .. } => "cross_entropy",
+            Op::MaskedMean => "masked_mean",
+            Op::Mean => "mean",
+            Op::Cast { .. } => "cast",
+        }
+    }
+
+    /// The attributes as printed in the text form, in a fixed order.
+    pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
+        match self {
+            Op::Input { name } | Op::Param { name } => vec![("name", Attr::Str(name.clone()))],
+            Op::RepeatFrames { frames } => vec![(
+                "frames",
+                match frames {
+                    Dim::Const(n) => Attr::Int(*n as i64),
+                    Dim::Sym(s) => Attr::Ident(s.clone()),
+                },
+            )],
+            Op::Linear { bias } => vec![("bias", Attr::Ident(bias.to_string()))],
+            Op::RmsNorm { eps } | Op::LateralInhibition { eps } => vec![("eps", Attr::Float(*eps))],
+            Op::Map { expr } => vec![("f", Attr::Expr(expr.clone()))],
+            Op::Scan { neuron, emit, scope } => vec![
+                ("neuron", Attr::Ident(neuron.clone())),
+                ("emit", Attr::List(emit.iter().map(|e| Attr::Ident(e.clone())).collect())),
+                ("scope", Attr::Ident(scope.name().into())),
+            ],
+            Op::PonderWeights { clamp, eps } => {
+                vec![("clamp", Attr::Float(*clamp)), ("eps", Attr::Float(*eps))]
+            }
+            Op::CrossEntropy { ignore_index } => vec![("ignore_index", Attr::Int(*ignore_index))],
+            Op::Cast { to } => vec![("to", Attr::Ident(to.name().into()))],
+            Op::Embedding
+            | Op::MeanFrames
+            | Op::FrameWeightedSum
+            | Op::CenterLast
+            | Op::MaskedMean
+            | Op::Mean => vec![],
+        }
+    }
+
+    /// Rebuild an op from its name and attributes (the inverse of [`Op::name`] + [`Op::attrs`]).
+    pub fn from_parts(name: &str, attrs: &BTreeMap<String, Attr>) -> Result<Op, String> {
+        let get = |k: &str| attrs.get(k).ok_or_else(|| format!("`{name}` needs attribute `{k}`"));
+        let string = |k: &str| match get(k)? {
+            Attr::Str(s) => Ok(s.clone()),
+            other => Err(format!("attribute `{k}` of `{name}` must be a string, got {other:?}")),
+        };
+        let ident = |k: &str| match get(k)? {
+            Attr::Ident(s) => Ok(s.clone()),
+            other => Err(format!("attribute `{k}` of `{name}` must be a name, got {other:?}")),
+        };
+        let float = |k: &str| match get(k)? {
+            Attr::Float(f) => Ok(*f),
+            Attr::Int(i) => Ok(*i as f64),
+            other => Err(format!("attribute `{k}` of `{name}` must be a number, got {other:?}")),
+        };
+        let op = match name {
+            "input" => Op::Input { name: string("name")? },
+            "param" => Op::Param { name: string("name")? },
+            "embedding" => Op::Embedding,
+            "repeat_frames" => Op::RepeatFrames {
+                frames: match get("frames")? {
+                    Attr::Int(n) if *n > 0 => Dim::Const(*n as u64),
+                    Attr::Ident(s) => Dim::Sym(s.clone()),
+                    other => return Err(format!("`frames` must be a positive size or a name, got {other:?}")),
+                },
+            },
+            "mean_frames" => Op::MeanFrames,
+            "linear" => Op::Linear {
+                bias: match ident("bias")?.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    other => return Err(format!("`bias` must be true or false, got `{other}`")),
+                },
+            },
+            "rms_norm" => Op::RmsNorm { eps: float("eps")? },
+            "lateral_inhibition" => Op::LateralInhibition { eps: float("eps")? },
+            "map" => Op::Map {
+                expr: match get("f")? {
+                    Attr::Expr(e) => e.clone(),
+                    other => return Err(format!("`f` of `map` must be an expression, got {other:?}")),
+                },
+            },
+            "scan" => Op::Scan {
+                neuron: ident("neuron")?,
+                emit: match get("emit")? {
+                    Attr::List(items) => items
+                        .iter()
+                        .map(|a| match a {
+                            Attr::Ident(s) => Ok(s.clone()),
+                            other => Err(format!("`emit` lists output names, got {other:?}")),
+                        })
+                        .collect::<Result<_, _>>()?,
+                    other => return Err(format!("`emit` must be a list, got {other:?}")),
+                },
+                scope: match ident("scope")?.as_str() {
+                    "sequence" => StateScope::Sequence,
+                    "token" => StateScope::Token,
+                    other => return Err(format!("`scope` must be sequence or token, got `{other}`")),
+                },
+            },
+            "ponder_weights" => Op::PonderWeights { clamp: float("clamp")?, eps: float("eps")? },
+            "frame_weighted_sum" => Op::FrameWeightedSum,
+            "center_last" => Op::CenterLast,
+            "cross_entropy" => Op::CrossEntropy {
+                ignore_index: match get("ignore_index")? {
+                    Attr::Int(i) => *i,
+                    other => return Err(format!("`ignore_index` must be an integer, got {other:?}")),
+                },
+            },
+            "masked_mean" => Op::MaskedMean,
+            "mean" => Op::Mean,
+            "cast" => {
+                let t = ident("to")?;
+                Op::Cast { to: DType::from_name(&t).ok_or_else(|| format!("unknown dtype `{t}`"))? }
+            }
+            other => return Err(format!("unknown op `{other}`")),
+        };
+        let known: Vec<&str> = op.attrs().iter().map(|(k, _)| *k).collect();
+        if let Some(extra) = attrs.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(format!("`{name}` has no attribute `{extra}`"));
+        }
+        Ok(op)
+    }
+
+    /// Whether the op's result types are declared rather than inferred (graph sources).
+    pub fn is_source(&self) -> bool {
+        matches!(self, Op::Input { .. } | Op::Param { .. })
+    }
+}
+
+/// Where the neuron models of a graph are looked up while typing.
+pub type NeuronTable = BTreeMap<String, NeuronModel>;
+
+struct Ctx<'a> {
+    op: &'a Op,
+    dims: &'a DimBindings,
+}
+
+impl Ctx<'_> {
+    fn err<T>(&self, msg: impl Into<String>) -> Result<T, String> {
+        Err(msg.into())
+    }
+
+    fn same(&self, a: &Dim, b: &Dim) -> bool {
+        resolve_dim(a, self.dims) == resolve_dim(b, self.dims)
+    }
+
+    fn same_shape(&self, a: &Shape, b: &Shape) -> bool {
+        a.rank() == b.rank() && a.dims().iter().zip(b.dims()).all(|(x, y)| self.same(x, y))
+    }
+
+    fn rank(&self, t: &ValueType, r: usize, what: &str) -> Result<(), String> {
+        if t.shape.rank() != r {
+            return self.err(format!("{what} must have rank {r}, got {t}"));
+        }
+        Ok(())
+    }
+
+    fn float(&self, t: &ValueType, what: &str) -> Result<(), String> {
+        if !t.dtype.is_float() {
+            return self.err(format!("{what} must be a float tensor, got {t}"));
+        }
+        Ok(())
+    }
+
+    fn arity(&self, ins: &[ValueType], n: usize) -> Result<(), String> {
+        if ins.len() != n {
+            return self.err(format!("`{}` takes {n} operands, got {}", self.op.name(), ins.len()));
+        }
+        Ok(())
+    }
+}
+
+/// NumPy-style broadcast of trailing dims; `None` when they do not agree.
+pub fn broadcast_shapes(shapes: &[&Shape], dims: &DimBindings) -> Option<Shape> {
+    let rank = shapes.iter().map(|s| s.rank()).max().unwrap_or(0);
+    let mut out = Vec::with_capacity(rank);
+    for i in 0..rank {
+        let mut d: Option<Dim> = None;
+        for s in shapes {
+            let off = rank - s.rank();
+            if i < off {
+                continue;
+            }
+            let x = resolve_dim(&s.0[i - off], dims);
+            d = match d {
+                None => Some(x),
+                Some(Dim::Const(1)) => Some(x),
+                Some(cur) if x == Dim::Const(1) || cur == x => Some(cur),
+                Some(_) => return None,
+            };
+        }
+        out.push(d.unwrap_or(Dim::Const(1)));
+    }
+    Some(Shape(out))
+}
+
+/// The result types of `op` applied to operands of types `ins`; the message says what is wrong.
+pub fn infer_types(
+    op: &Op,
+    ins: &[ValueType],
+    neurons: &NeuronTable,
+    dims: &DimBindings,
+) -> Result<Vec<ValueType>, String> {
+    let cx = Ctx { op, dims };
+    let f32 = |shape: Shape| ValueType::new(DType::F32, shape);
+    match op {
+        Op::Input { .. } | Op::Param { .. } => cx.err("sources have declared types"),
+        Op::Embedding => {
+            cx.arity(ins, 2)?;
+            cx.rank(&ins[0], 2, "embedding table")?;
+            cx.float(&ins[0], "embedding table")?;
+            if !ins[1].dtype.is_int() {
+                return cx.err(format!("token ids must be integers, got {}", ins[1]));
+            }
+            let mut s = ins[1].shape.0.clone();
+            s.push(ins[0].shape.0[1].clone());
+            Ok(vec![ValueType::new(ins[0].dtype, Shape(s))])
+        }
+        Op::RepeatFrames { frames } => {
+            cx.arity(ins, 1)?;
+            cx.rank(&ins[0], 3, "repeat_frames input")?;
+            let s = &ins[0].shape.0;
+            Ok(vec![ValueType::new(
+                ins[0].dtype,
+                Shape(vec![s[0].clone(), s[1].clone(), frames.clone(), s[2].clone()]),
+            )])
+        }
+        Op::MeanFrames => {
+            cx.arity(ins, 1)?;
+            cx.rank(&ins[0], 4, "mean_frames input")?;
+            let s = &ins[0].shape.0;
+            Ok(vec![ValueType::new(ins[0].dtype, Shape(vec![s[0].clone(), s[1].clone(), s[3].clone()]))])
+        }
+        Op::Linear { bias } => {
+            cx.arity(ins, if *bias { 3 } else { 2 })?;
+            cx.float(&ins[0], "linear input")?;
+            cx.rank(&ins[1], 2, "linear weight")?;
+            let (x, w) = (&ins[0].shape, &ins[1].shape);
+            let Some(i) = x.last() else { return cx.err("linear input must have rank >= 1") };
+            if !cx.same(i, &w.0[1]) {
+                return cx.err(format!("input features {i} do not match weight {}", ins[1]));
+            }
+            if *bias {
+                cx.rank(&ins[2], 1, "linear bias")?;
+                if !cx.same(&ins[2].shape.0[0], &w.0[0]) {
+                    return cx.err(format!("bias {} does not match weight {}", ins[2], ins[1]));
+                }
+            }
+            let mut s = x.0.clone();
+            *s.last_mut().expect("rank checked") = w.0[0].clone();
+            Ok(vec![f32(Shape(s))])
+        }
+        Op::RmsNorm { .. } | Op::LateralInhibition { .. } => {
+            cx.arity(ins, 2)?;
+            cx.float(&ins[0], "norm input")?;
+            cx.rank(&ins[1], 1, "norm weight")?;
+            let Some(d) = ins[0].shape.last() else { return cx.err("norm input must have rank >= 1") };
+            if !cx.same(d, &ins[1].shape.0[0]) {
+                return cx.err(format!("norm weight {} does not match input {}", ins[1], ins[0]));
+            }
+            Ok(vec![ins[0].clone()])
+        }
+        Op::Map { expr } => {
+            if ins.is_empty() {
+                return cx.err("`map` needs at least one operand");
+            }
+            for v in expr.vars() {
+                let idx = v.strip_prefix('x').and_then(|n| n.parse::<usize>().ok());
+                match idx {
+                    Some(i) if i < ins.len() => {}
+                    _ => return cx.err(format!("`map` expression reads `{v}`; operands are x0..x{}", ins.len() - 1)),
+                }
+            }
+            for (i, t) in ins.iter().enumerate() {
+                cx.float(t, &format!("map operand x{i}"))?;
+            }
+            let shapes: Vec<&Shape> = ins.iter().map(|t| &t.shape).collect();
+            let s = broadcast_shapes(&shapes, dims)
+                .ok_or_else(|| format!("operands do not broadcast: {}", ins.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")))?;
+            Ok(vec![f32(s)])
+        }
+        Op::Scan { neuron, emit, .. } => {
+            let m = neurons.get(neuron).ok_or_else(|| format!("unknown neuron model `{neuron}`"))?;
+            let (ni, np, ns) = (m.inputs.len(), m.params.len(), m.state.len());
+            cx.arity(ins, ni + np + ns)?;
+            if emit.is_empty() {
+                return cx.err("a scan must emit at least one output");
+            }
+            for e in emit {
+                if m.output(e).is_none() {
+                    let known: Vec<&str> = m.outputs.iter().map(|o| o.name.as_str()).collect();
+                    return cx.err(format!("neuron `{neuron}` has no output `{e}` (it has {})", known.join(", ")));
+                }
+            }
+            let frames: Shape = if ni > 0 {
+                ins[0].shape.clone()
+            } else {
+                return cx.err(format!("neuron `{neuron}` has no per-step input"));
+            };
+            cx.rank(&ins[0], 4, &format!("scan input `{}`", m.inputs[0]))?;
+            let c = frames.0[3].clone();
+            let b = frames.0[0].clone();
+            for (k, t) in ins[..ni].iter().enumerate() {
+                cx.float(t, &format!("scan input `{}`", m.inputs[k]))?;
+                if !cx.same_shape(&t.shape, &frames) {
+                    return cx.err(format!("scan input `{}` is {t}, expected shape {frames}", m.inputs[k]));
+                }
+            }
+            for (k, t) in ins[ni..ni + np].iter().enumerate() {
+                if t.shape.rank() != 1 || !cx.same(&t.shape.0[0], &c) {
+                    return cx.err(format!("scan parameter `{}` is {t}, expected [{c}]", m.params[k]));
+                }
+            }
+            for (k, t) in ins[ni + np..].iter().enumerate() {
+                let want = Shape(vec![b.clone(), c.clone()]);
+                if !cx.same_shape(&t.shape, &want) {
+                    return cx.err(format!("initial state `{}` is {t}, expected {want}", m.state[k].name));
+                }
+            }
+            let mut out: Vec<ValueType> = emit.iter().map(|_| f32(frames.clone())).collect();
+            out.extend(m.state.iter().map(|_| f32(Shape(vec![b.clone(), c.clone()]))));
+            Ok(out)
+        }
+        Op::PonderWeights { .. } => {
+            cx.arity(ins, 1)?;
+            cx.rank(&ins[0], 4, "halt logits")?;
+            let s = &ins[0].shape.0;
+            if !cx.same(&s[3], &Dim::Const(1)) {
+                return cx.err(format!("halt logits must end in 1, got {}", ins[0]));
+            }
+            Ok(vec![f32(ins[0].shape.clone()), f32(Shape(vec![s[0].clone(), s[1].clone(), Dim::Const(1)]))])
+        }
+        Op::FrameWeightedSum => {
+            cx.arity(ins, 2)?;
+            cx.rank(&ins[0], 4, "frames")?;
+            cx.rank(&ins[1], 4, "frame weights")?;
+            let (f, w) = (&ins[0].shape.0, &ins[1].shape.0);
+            if !(0..3).all(|i| cx.same(&f[i], &w[i])) || !cx.same(&w[3], &Dim::Const(1)) {
+                return cx.err(format!("weights {} do not fit frames {}", ins[1], ins[0]));
+            }
+            Ok(vec![f32(Shape(vec![f[0].clone(), f[1].clone(), f[3].clone()]))])
+        }
+        Op::CenterLast => {
+            cx.arity(ins, 1)?;
+            cx.float(&ins[0], "center_last input")?;
+            Ok(vec![ins[0].clone()])
+        }
+        Op::CrossEntropy { .. } => {
+            cx.arity(ins, 2)?;
+            cx.float(&ins[0], "logits")?;
+            if !ins[1].dtype.is_int() {
+                return cx.err(format!("targets must be integers, got {}", ins[1]));
+            }
+            let l = &ins[0].shape;
+            if l.rank() != ins[1].shape.rank() + 1 || !cx.same_shape(&Shape(l.0[..l.rank() - 1].to_vec()), &ins[1].shape) {
+                return cx.err(format!("targets {} do not fit logits {}", ins[1], ins[0]));
+            }
+            Ok(vec![f32(ins[1].shape.clone())])
+        }
+        Op::MaskedMean => {
+            cx.arity(ins, 2)?;
+            cx.float(&ins[0], "masked_mean input")?;
+            if !cx.same_shape(&ins[0].shape, &ins[1].shape) {
+                return cx.err(format!("mask {} does not match {}", ins[1], ins[0]));
+            }
+            Ok(vec![f32(Shape::scalar())])
+        }
+        Op::Mean => {
+            cx.arity(ins, 1)?;
+            cx.float(&ins[0], "mean input")?;
+            Ok(vec![f32(Shape::scalar())])
+        }
+        Op::Cast { to } => {
+            cx.arity(ins, 1)?;
+            if *to == DType::Spike {
+                return cx.err("cannot cast to spike; use a scan output");
+            }
+            Ok(vec![ValueType::new(*to, ins[0].shape.clone())])
+        }
+    }
+}
