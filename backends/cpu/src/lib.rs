@@ -1,1 +1,271 @@
-//! CPU backend.
+//! CPU backend: compiles a verified graph into an executable plan and runs it in f32.
+//!
+//! This is the oracle of the project (ARCHITECTURE.md, principle 1): the simplest exact executor
+//! of the IR. Expressions and neuron models are compiled to lane-vectorised bytecode, GEMMs go
+//! through matrixmultiply, and independent rows/columns run on rayon's pool.
+
+pub mod bytecode;
+pub mod kernels;
+
+use kernels::{dense, map, reduce, scan};
+use petgraph::stable_graph::NodeIndex;
+use sparkc_ir::tensor::TensorData;
+use sparkc_ir::types::DimBindings;
+use sparkc_ir::{DType, Dim, Graph, Op, Tensor, Value};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CpuError {
+    #[error("cannot compile for the CPU: {0}")]
+    Compile(String),
+    #[error("input error: {0}")]
+    Input(String),
+    #[error("parameter error: {0}")]
+    Param(String),
+    #[error("in `{op}` node `{node}`: {msg}")]
+    Exec { op: String, node: String, msg: String },
+    #[error(transparent)]
+    Ir(#[from] sparkc_ir::IrError),
+}
+
+enum Compiled {
+    Map(map::CompiledMap),
+    Scan(scan::CompiledScan),
+}
+
+/// A graph compiled for the CPU.
+pub struct CpuProgram {
+    graph: Graph,
+    order: Vec<NodeIndex>,
+    compiled: HashMap<NodeIndex, Compiled>,
+    /// For each value, the position in `order` of its last reader (outputs live to the end).
+    last_use: HashMap<Value, usize>,
+}
+
+impl CpuProgram {
+    pub fn compile(graph: &Graph) -> Result<CpuProgram, CpuError> {
+        sparkc_ir::verify::verify(graph)?;
+        let order = graph.topo_order()?;
+        let mut compiled = HashMap::new();
+        let mut last_use = HashMap::new();
+        for (pos, &n) in order.iter().enumerate() {
+            let node = graph.node(n);
+            let operands = graph.operands(n);
+            for v in &operands {
+                last_use.insert(*v, pos);
+            }
+            match &node.op {
+                Op::Map { expr } => {
+                    let m = map::compile(expr, operands.len()).map_err(|e| CpuError::Compile(format!("`{}`: {e}", node.name)))?;
+                    compiled.insert(n, Compiled::Map(m));
+                }
+                Op::Scan { neuron, emit, scope } => {
+                    let model = &graph.neurons[neuron];
+                    let s = scan::compile(model, emit, *scope).map_err(|e| CpuError::Compile(format!("`{}`: {e}", node.name)))?;
+                    compiled.insert(n, Compiled::Scan(s));
+                }
+                _ => {}
+            }
+        }
+        for (_, v) in &graph.outputs {
+            last_use.insert(*v, usize::MAX);
+        }
+        Ok(CpuProgram { graph: graph.clone(), order, compiled, last_use })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Bind the free dims from the inputs' shapes, checking every input against its declaration.
+    fn bind_inputs<'a>(&self, inputs: &'a BTreeMap<String, Tensor>) -> Result<(DimBindings, HashMap<NodeIndex, Cow<'a, Tensor>>), CpuError> {
+        let mut env = self.graph.dims.clone();
+        let mut bound_by: BTreeMap<String, String> = BTreeMap::new();
+        let mut fed = HashMap::new();
+        let mut missing = Vec::new();
+        for (n, name, ty) in self.graph.inputs() {
+            let Some(t) = inputs.get(name) else {
+                missing.push(name.to_string());
+                continue;
+            };
+            if t.shape.len() != ty.shape.rank() {
+                return Err(CpuError::Input(format!("`{name}` has shape {:?}, expected {}", t.shape, ty.shape)));
+            }
+            for (d, &size) in ty.shape.dims().iter().zip(&t.shape) {
+                match d {
+                    Dim::Const(c) if *c as usize != size => {
+                        return Err(CpuError::Input(format!("`{name}` has shape {:?}, expected {}", t.shape, ty.shape)));
+                    }
+                    Dim::Sym(s) => match env.get(s) {
+                        Some(&v) if v as usize != size => {
+                            let origin = bound_by.get(s).map(|o| format!(" (from `{o}`)")).unwrap_or_default();
+                            return Err(CpuError::Input(format!(
+                                "`{name}` has shape {:?}: dimension {s} is {size}, but {s} = {v}{origin}",
+                                t.shape
+                            )));
+                        }
+                        Some(_) => {}
+                        None => {
+                            env.insert(s.clone(), size as u64);
+                            bound_by.insert(s.clone(), name.to_string());
+                        }
+                    },
+                    _ => {}
+                }
+            }
+            let value = match (ty.dtype, &t.data) {
+                (DType::I64 | DType::I32, TensorData::I64(_)) | (DType::F32, TensorData::F32(_)) => Cow::Borrowed(t),
+                (DType::F32, TensorData::I64(v)) => Cow::Owned(Tensor::f32(t.shape.clone(), v.iter().map(|&x| x as f32).collect())),
+                (want, _) => return Err(CpuError::Input(format!("`{name}` is {}, expected {want}", t.dtype()))),
+            };
+            fed.insert(n, value);
+        }
+        if !missing.is_empty() {
+            return Err(CpuError::Input(format!("missing inputs: {}", missing.join(", "))));
+        }
+        Ok((env, fed))
+    }
+
+    /// Run the graph. `inputs` must hold every graph input (extra entries are ignored);
+    /// `params` every parameter, as f32 of the declared shape.
+    pub fn run(&self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, CpuError> {
+        let (env, mut fed) = self.bind_inputs(inputs)?;
+        let mut values: HashMap<Value, Cow<Tensor>> = HashMap::new();
+        for (pos, &n) in self.order.iter().enumerate() {
+            let node = self.graph.node(n);
+            let shapes: Vec<Vec<usize>> = node
+                .results
+                .iter()
+                .map(|t| t.shape.concrete(&env))
+                .collect::<Result<_, _>>()
+                .map_err(|sym| self.exec_err(n, format!("dimension {sym} is not bound by any input")))?;
+            let results: Vec<Cow<Tensor>> = match &node.op {
+                Op::Input { .. } => vec![fed.remove(&n).expect("every input was bound")],
+                Op::Param { name } => {
+                    let t = params.get(name).ok_or_else(|| CpuError::Param(format!("missing parameter `{name}`")))?;
+                    if t.shape != shapes[0] || t.as_f32().is_none() {
+                        return Err(CpuError::Param(format!(
+                            "`{name}` is {} {:?}, expected f32 {:?}",
+                            t.dtype(),
+                            t.shape,
+                            shapes[0]
+                        )));
+                    }
+                    vec![Cow::Borrowed(t)]
+                }
+                _ => {
+                    let operands: Vec<&Tensor> = self.graph.operands(n).iter().map(|v| values[v].as_ref()).collect();
+                    self.exec(n, &operands, &shapes)?.into_iter().map(Cow::Owned).collect()
+                }
+            };
+            for (port, t) in results.into_iter().enumerate() {
+                let v = Value { node: n, port: port as u32 };
+                if self.last_use.contains_key(&v) {
+                    values.insert(v, t);
+                }
+            }
+            // Free what no later node reads.
+            for v in self.graph.operands(n) {
+                if self.last_use.get(&v) == Some(&pos) {
+                    values.remove(&v);
+                }
+            }
+        }
+        Ok(self
+            .graph
+            .outputs
+            .iter()
+            .map(|(name, v)| (name.clone(), values[v].clone().into_owned()))
+            .collect())
+    }
+
+    fn exec_err(&self, n: NodeIndex, msg: String) -> CpuError {
+        let node = self.graph.node(n);
+        CpuError::Exec { op: node.op.name().to_string(), node: node.name.clone(), msg }
+    }
+
+    fn exec(&self, n: NodeIndex, ins: &[&Tensor], shapes: &[Vec<usize>]) -> Result<Vec<Tensor>, CpuError> {
+        let node = self.graph.node(n);
+        let f = |i: usize| -> Result<&[f32], CpuError> {
+            ins[i].as_f32().ok_or_else(|| self.exec_err(n, format!("operand {i} must be f32")))
+        };
+        let ints = |i: usize| -> Result<&[i64], CpuError> {
+            ins[i].as_i64().ok_or_else(|| self.exec_err(n, format!("operand {i} must be an integer tensor")))
+        };
+        let out = |data: Vec<f32>| Tensor::f32(shapes[0].clone(), data);
+        let last = |i: usize| *ins[i].shape.last().unwrap_or(&1);
+        Ok(match &node.op {
+            Op::Input { .. } | Op::Param { .. } => unreachable!("sources are bound in run"),
+            Op::Embedding => {
+                let d = ins[0].shape[1];
+                vec![out(dense::embedding(f(0)?, d, ints(1)?).map_err(|m| self.exec_err(n, m))?)]
+            }
+            Op::RepeatFrames { .. } => {
+                let s = &shapes[0];
+                vec![out(dense::repeat_frames(f(0)?, s[0] * s[1], s[2], s[3]))]
+            }
+            Op::MeanFrames => {
+                let s = &ins[0].shape;
+                vec![out(dense::mean_frames(f(0)?, s[0] * s[1], s[2], s[3]))]
+            }
+            Op::Linear { bias } => {
+                let (o, i) = (ins[1].shape[0], ins[1].shape[1]);
+                let m = ins[0].numel() / i.max(1);
+                let b = if *bias { Some(f(2)?) } else { None };
+                vec![out(dense::linear(f(0)?, f(1)?, b, m, i, o))]
+            }
+            Op::RmsNorm { eps } | Op::LateralInhibition { eps } => vec![out(dense::rms_norm(f(0)?, f(1)?, *eps))],
+            Op::Map { .. } => {
+                let Some(Compiled::Map(m)) = self.compiled.get(&n) else { unreachable!("maps are compiled") };
+                let operands: Vec<(&[f32], &[usize])> =
+                    (0..ins.len()).map(|i| Ok((f(i)?, ins[i].shape.as_slice()))).collect::<Result<_, CpuError>>()?;
+                vec![out(m.run(&operands, &shapes[0]))]
+            }
+            Op::Scan { neuron, .. } => {
+                let Some(Compiled::Scan(sc)) = self.compiled.get(&n) else { unreachable!("scans are compiled") };
+                let model = &self.graph.neurons[neuron];
+                let (ni, np) = (model.inputs.len(), model.params.len());
+                let s = &ins[0].shape;
+                let dims = scan::ScanDims { b: s[0], s: s[1] * s[2], k: s[2], c: s[3] };
+                let all: Vec<&[f32]> = (0..ins.len()).map(f).collect::<Result<_, _>>()?;
+                let (outs, finals) = sc.run(&all[..ni], &all[ni..ni + np], &all[ni + np..], dims);
+                outs.into_iter()
+                    .chain(finals)
+                    .zip(shapes)
+                    .map(|(d, sh)| Tensor::f32(sh.clone(), d))
+                    .collect()
+            }
+            Op::PonderWeights { clamp, eps } => {
+                let k = ins[0].shape[2];
+                let (lam, ek) = reduce::ponder_weights(f(0)?, k, *clamp, *eps);
+                vec![out(lam), Tensor::f32(shapes[1].clone(), ek)]
+            }
+            Op::FrameWeightedSum => {
+                let s = &ins[0].shape;
+                vec![out(dense::frame_weighted_sum(f(0)?, f(1)?, s[2], s[3]))]
+            }
+            Op::CenterLast => vec![out(dense::center_last(f(0)?, last(0)))],
+            Op::CrossEntropy { ignore_index } => {
+                let ce = reduce::cross_entropy(f(0)?, ints(1)?, last(0), *ignore_index).map_err(|m| self.exec_err(n, m))?;
+                vec![out(ce)]
+            }
+            Op::MaskedMean => vec![out(vec![reduce::masked_mean(f(0)?, f(1)?)])],
+            Op::Mean => vec![out(vec![reduce::mean(f(0)?)])],
+            Op::Cast { to } => {
+                let t = match (*to, &ins[0].data) {
+                    (DType::F32 | DType::F64 | DType::BF16, d) => Tensor::f32(shapes[0].clone(), match d {
+                        TensorData::F32(v) => v.clone(),
+                        TensorData::I64(v) => v.iter().map(|&x| x as f32).collect(),
+                    }),
+                    (DType::I64 | DType::I32, d) => Tensor::i64(shapes[0].clone(), match d {
+                        TensorData::F32(v) => v.iter().map(|&x| x as i64).collect(),
+                        TensorData::I64(v) => v.clone(),
+                    }),
+                    (DType::Spike, _) => return Err(self.exec_err(n, "cannot cast to spike".into())),
+                };
+                vec![t]
+            }
+        })
+    }
+}

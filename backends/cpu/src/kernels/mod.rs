@@ -1,0 +1,6 @@
+//! The CPU kernels, one family per file.
+
+pub mod dense;
+pub mod map;
+pub mod reduce;
+pub mod scan;

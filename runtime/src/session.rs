@@ -1,0 +1,96 @@
+//! A session owns a compiled program, its parameters and the state it carries between calls.
+//!
+//! Which values are state is read off the graph, not assumed: every graph input that has a
+//! graph output of the same name is carried (the output of one call feeds the next).
+
+use crate::RuntimeError;
+use sparkc_backend_cpu::CpuProgram;
+use sparkc_ir::{Graph, Tensor};
+use std::collections::BTreeMap;
+
+/// Something that runs a graph on named inputs (the CPU program today, other backends later).
+pub trait Executor {
+    fn graph(&self) -> &Graph;
+    fn execute(&self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError>;
+}
+
+impl Executor for CpuProgram {
+    fn graph(&self) -> &Graph {
+        CpuProgram::graph(self)
+    }
+
+    fn execute(&self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        Ok(self.run(inputs, params)?)
+    }
+}
+
+/// The names and per-row shapes of the carried values of a graph.
+pub fn carried_values(graph: &Graph) -> Vec<(String, Vec<usize>)> {
+    graph
+        .inputs()
+        .into_iter()
+        .filter(|(_, name, _)| graph.output(name).is_some())
+        .map(|(_, name, ty)| {
+            // State is [B, ...]: the per-row shape is everything after the batch dim.
+            let row: Vec<usize> = ty.shape.dims()[1..].iter().map(|d| d.as_const().unwrap_or(0) as usize).collect();
+            (name.to_string(), row)
+        })
+        .collect()
+}
+
+pub struct Session<E: Executor> {
+    exec: E,
+    params: BTreeMap<String, Tensor>,
+    carried: Vec<(String, Vec<usize>)>,
+    state: BTreeMap<String, Tensor>,
+}
+
+impl<E: Executor> Session<E> {
+    pub fn new(exec: E, params: BTreeMap<String, Tensor>) -> Session<E> {
+        let carried = carried_values(exec.graph());
+        Session { exec, params, carried, state: BTreeMap::new() }
+    }
+
+    pub fn executor(&self) -> &E {
+        &self.exec
+    }
+
+    pub fn params(&self) -> &BTreeMap<String, Tensor> {
+        &self.params
+    }
+
+    /// Start new sequences: every carried value becomes zeros for `batch` rows.
+    pub fn reset(&mut self, batch: usize) {
+        self.state = self
+            .carried
+            .iter()
+            .map(|(name, row)| {
+                let mut shape = vec![batch];
+                shape.extend(row);
+                (name.clone(), Tensor::zeros(shape))
+            })
+            .collect();
+    }
+
+    pub fn state(&self) -> &BTreeMap<String, Tensor> {
+        &self.state
+    }
+
+    /// Run on `inputs` continuing from the carried state, then keep the new state.
+    /// The outputs include the new state values too.
+    pub fn step(&mut self, mut inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        if self.state.is_empty() && !self.carried.is_empty() {
+            return Err(RuntimeError::Usage("call `reset(batch)` before the first step".into()));
+        }
+        for (k, v) in &self.state {
+            inputs.insert(k.clone(), v.clone());
+        }
+        let out = self.exec.execute(&inputs, &self.params)?;
+        for (name, _) in &self.carried {
+            if let Some(t) = out.get(name) {
+                self.state.insert(name.clone(), t.clone());
+            }
+        }
+        Ok(out)
+    }
+}
