@@ -1,1 +1,52 @@
-fn main() {}
+//! `sparkc`: the command-line front of the toolchain. Parsing, progress and reports live here;
+//! everything a library user would also want lives in the crates.
+
+mod commands;
+mod model_source;
+mod report;
+mod tokenizer;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "sparkc", version, about = "A compiler toolchain for spiking neural networks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parameters, FLOPs per token, recurrent state and the IR of a model.
+    Inspect(commands::inspect::Args),
+    /// Run a forward pass (and the loss) on inputs from a safetensors file.
+    Run(commands::run::Args),
+    /// Generate tokens: prefill, then one token per step with the neuron state carried.
+    Generate(commands::generate::Args),
+    /// Write a seeded random initialisation (the original scheme) of a model.
+    Init(commands::init::Args),
+    /// Measure throughput: forward tokens/s and GEMM GFLOP/s.
+    Bench(commands::bench::Args),
+    /// The embedded default: build a tiny model from a seed, inspect it, generate from it.
+    Demo(commands::demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => commands::inspect::run(a),
+        Command::Run(a) => commands::run::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Init(a) => commands::init::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+        Command::Demo(a) => commands::demo::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

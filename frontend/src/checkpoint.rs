@@ -80,12 +80,7 @@ impl CheckpointReport {
     }
 }
 
-fn write_list<T>(
-    f: &mut fmt::Formatter<'_>,
-    title: &str,
-    items: &[T],
-    line: impl Fn(&T) -> String,
-) -> fmt::Result {
+fn write_list<T>(f: &mut fmt::Formatter<'_>, title: &str, items: &[T], line: impl Fn(&T) -> String) -> fmt::Result {
     if items.is_empty() {
         return Ok(());
     }
@@ -152,7 +147,7 @@ fn check_contents(
         (Some(_), None) => true,
         _ => false,
     };
-    let raw = |k: &str| if strip { k[HF_PREFIX.len()..].to_string() } else { k.to_string() };
+    let raw = |k: &str| if strip { k.strip_prefix(HF_PREFIX).unwrap_or(k).to_string() } else { k.to_string() };
     let dtypes: HashMap<String, StDtype> = source_dtypes.into_iter().map(|(k, d)| (raw(&k), d)).collect();
     let params: BTreeMap<String, Tensor> = tensors.into_iter().map(|(k, t)| (raw(&k), t)).collect();
     validate_params_inner(&params, cfg, origin, &dtypes)?;
@@ -183,7 +178,11 @@ fn validate_params_inner(
             continue;
         };
         if t.shape != spec.shape {
-            report.misshaped.push(ShapeMismatch { key: spec.key.clone(), expected: spec.shape.clone(), found: t.shape.clone() });
+            report.misshaped.push(ShapeMismatch {
+                key: spec.key.clone(),
+                expected: spec.shape.clone(),
+                found: t.shape.clone(),
+            });
         }
         match &t.data {
             TensorData::F32(v) => {

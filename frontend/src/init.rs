@@ -100,7 +100,16 @@ mod tests {
     use crate::config::Boundary;
 
     fn cfg(d: usize, n: usize) -> NeuronSparkConfig {
-        NeuronSparkConfig { vocab_size: 16, d, n, k: 16, num_layers: 1, d_ff: 16, v_th_min: 0.1, boundary: Boundary::Leak }
+        NeuronSparkConfig {
+            vocab_size: 16,
+            d,
+            n,
+            k: 16,
+            num_layers: 1,
+            d_ff: 16,
+            v_th_min: 0.1,
+            boundary: Boundary::Leak,
+        }
     }
 
     fn spec_of(cfg: &NeuronSparkConfig, suffix: &str) -> ParamSpec {

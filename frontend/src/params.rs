@@ -86,22 +86,36 @@ impl fmt::Display for Component {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Init {
     /// Independent N(mean, std) entries.
-    Normal { mean: f64, std: f64 },
+    Normal {
+        mean: f64,
+        std: f64,
+    },
     /// Independent U(lo, hi) entries.
-    Uniform { lo: f64, hi: f64 },
+    Uniform {
+        lo: f64,
+        hi: f64,
+    },
     Ones,
     Zeros,
     /// Every entry equal to the value (the halt biases, −3.5).
     Constant(f64),
     /// PyTorch's default Linear init, `kaiming_uniform_(a = √5)`: U(−b, b) with
     /// b = scale / √fan_in.
-    KaimingUniform { scale: f64 },
+    KaimingUniform {
+        scale: f64,
+    },
     /// `xavier_uniform_` then multiplied by `scale`: U(−b, b) with b = scale·√(6 / (fan_in + fan_out)).
-    XavierUniform { scale: f64 },
+    XavierUniform {
+        scale: f64,
+    },
     /// `b_beta`: logit(β_n) + N(0, std), β_n = linspace(0.80, 0.99, N).
-    SnnBetaBias { std: f64 },
+    SnnBetaBias {
+        std: f64,
+    },
     /// `b_th`: max(σ_V,n·Φ⁻¹(1 − p_fire,n) − v_min, 0.05) + N(0, std).
-    SnnThresholdBias { std: f64 },
+    SnnThresholdBias {
+        std: f64,
+    },
     /// `W_in`: Kaiming-uniform with row j = d·N + n multiplied by √(1 − β_n²).
     SnnInputRows,
     /// `W_out`: Kaiming-uniform (fan_in = DN) with column j = d·N + n multiplied by s_n.
@@ -254,7 +268,7 @@ pub fn acklam(p: f64) -> f64 {
         -3.969683028665376e+01,
         2.209460984245205e+02,
         -2.759285104469687e+02,
-        1.383577518672690e+02,
+        1.38357751867269e+02,
         -3.066479806614716e+01,
         2.506628277459239e+00,
     ];
@@ -358,7 +372,13 @@ fn plif_neuron(out: &mut Vec<ParamSpec>, prefix: &str, width: usize, v0: f64, co
         Init::Normal { mean: -(PLIF_TAU0 - 1.0).ln(), std: 0.5 },
         true,
     ));
-    out.push(spec(format!("{prefix}.v_th"), vec![width], component, Init::Uniform { lo: 0.5 * v0, hi: 1.5 * v0 }, true));
+    out.push(spec(
+        format!("{prefix}.v_th"),
+        vec![width],
+        component,
+        Init::Uniform { lo: 0.5 * v0, hi: 1.5 * v0 },
+        true,
+    ));
 }
 
 /// Every parameter of the model, in a stable order: the 7 globals, then the 30 keys of each layer.
@@ -368,7 +388,13 @@ pub fn param_specs(cfg: &NeuronSparkConfig) -> Vec<ParamSpec> {
     let ku = |scale: f64| Init::KaimingUniform { scale };
     let mut out = Vec::with_capacity(7 + 30 * l);
 
-    out.push(spec("embed_tokens.weight".into(), vec![v, d], C::Embedding, Init::Normal { mean: 0.0, std: 0.02 }, false));
+    out.push(spec(
+        "embed_tokens.weight".into(),
+        vec![v, d],
+        C::Embedding,
+        Init::Normal { mean: 0.0, std: 0.02 },
+        false,
+    ));
     out.push(spec("norm.gain".into(), vec![d], C::GlobalNormsNeuron, Init::Ones, false));
     out.push(spec("decode_proj.weight".into(), vec![d, d], C::DecodeProj, Init::XavierUniform { scale: 1.0 }, false));
     out.push(spec("decode_proj.bias".into(), vec![d], C::DecodeProj, Init::Zeros, false));
@@ -437,10 +463,7 @@ pub fn param_specs(cfg: &NeuronSparkConfig) -> Vec<ParamSpec> {
 /// Parameter count per component, in the order of [`Component::ALL`] (spec §11).
 pub fn count_by_component(cfg: &NeuronSparkConfig) -> Vec<(Component, u64)> {
     let specs = param_specs(cfg);
-    Component::ALL
-        .iter()
-        .map(|&c| (c, specs.iter().filter(|s| s.component == c).map(ParamSpec::numel).sum()))
-        .collect()
+    Component::ALL.iter().map(|&c| (c, specs.iter().filter(|s| s.component == c).map(ParamSpec::numel).sum())).collect()
 }
 
 /// Total parameter count.

@@ -157,7 +157,10 @@ fn tensor_err(origin: &str, name: &str, msg: impl Into<String>) -> IoError {
 /// Parse an in-memory safetensors file, keeping source dtypes and metadata.
 pub fn read_safetensors_from_bytes(bytes: &[u8], origin: &str) -> Result<SafetensorsContents, IoError> {
     let Some((len_bytes, rest)) = bytes.split_first_chunk::<8>() else {
-        return Err(format_err(origin, format!("file is {} bytes, shorter than the 8-byte header length", bytes.len())));
+        return Err(format_err(
+            origin,
+            format!("file is {} bytes, shorter than the 8-byte header length", bytes.len()),
+        ));
     };
     let header_len = u64::from_le_bytes(*len_bytes);
     if header_len > MAX_HEADER_BYTES as u64 {
@@ -203,12 +206,18 @@ fn parse_metadata(entry: &serde_json::Value, origin: &str) -> Result<HashMap<Str
         .collect()
 }
 
-fn parse_tensor(name: &str, entry: &serde_json::Value, data: &[u8], origin: &str) -> Result<(StDtype, Tensor), IoError> {
+fn parse_tensor(
+    name: &str,
+    entry: &serde_json::Value,
+    data: &[u8],
+    origin: &str,
+) -> Result<(StDtype, Tensor), IoError> {
     let err = |msg: String| tensor_err(origin, name, msg);
     let serde_json::Value::Object(fields) = entry else {
         return Err(err("header entry is not a JSON object".into()));
     };
-    let dtype_name = fields.get("dtype").and_then(|v| v.as_str()).ok_or_else(|| err("missing string `dtype`".into()))?;
+    let dtype_name =
+        fields.get("dtype").and_then(|v| v.as_str()).ok_or_else(|| err("missing string `dtype`".into()))?;
     let dtype = StDtype::parse(dtype_name).ok_or_else(|| err(format!("unsupported dtype `{dtype_name}`")))?;
     let shape_json =
         fields.get("shape").and_then(|v| v.as_array()).ok_or_else(|| err("missing array `shape`".into()))?;
@@ -216,7 +225,9 @@ fn parse_tensor(name: &str, entry: &serde_json::Value, data: &[u8], origin: &str
         .iter()
         .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
         .collect::<Option<Vec<usize>>>()
-        .ok_or_else(|| err(format!("shape {} is not a list of non-negative integers", serde_json::Value::from(shape_json.clone()))))?;
+        .ok_or_else(|| {
+            err(format!("shape {} is not a list of non-negative integers", serde_json::Value::from(shape_json.clone())))
+        })?;
     let offsets = fields
         .get("data_offsets")
         .and_then(|v| v.as_array())
@@ -267,16 +278,17 @@ fn decode(dtype: StDtype, bytes: &[u8]) -> TensorData {
     }
 }
 
-/// Serialise tensors (F32 and I64) to safetensors bytes, keys in sorted order.
-pub fn write_tensors_to_bytes(
+/// The length prefix and padded header of a file holding `tensors` (F32 and I64), keys sorted.
+fn encode_header(
     tensors: &BTreeMap<String, Tensor>,
     metadata: Option<&HashMap<String, String>>,
     origin: &str,
 ) -> Result<Vec<u8>, IoError> {
     let mut header = serde_json::Map::new();
     if let Some(meta) = metadata {
-        // Sorted so that the same input always gives the same bytes.
-        let sorted: BTreeMap<_, _> = meta.iter().collect();
+        // Sorted explicitly (serde_json's map keeps insertion order when another crate enables
+        // `preserve_order`), so the same input always gives the same bytes.
+        let sorted: BTreeMap<&String, &String> = meta.iter().collect();
         let obj = sorted.into_iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
         header.insert(METADATA_KEY.into(), serde_json::Value::Object(obj));
     }
@@ -285,25 +297,18 @@ pub fn write_tensors_to_bytes(
         if name == METADATA_KEY {
             return Err(tensor_err(origin, name, "`__metadata__` is reserved and cannot name a tensor"));
         }
-        let (dtype, len) = match &t.data {
-            TensorData::F32(v) => ("F32", v.len()),
-            TensorData::I64(v) => ("I64", v.len()),
+        let (dtype, len, width) = match &t.data {
+            TensorData::F32(v) => ("F32", v.len(), 4),
+            TensorData::I64(v) => ("I64", v.len(), 8),
         };
         let numel = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         if numel != Some(len) {
-            return Err(tensor_err(
-                origin,
-                name,
-                format!("shape {:?} does not match its {len} values", t.shape),
-            ));
+            return Err(tensor_err(origin, name, format!("shape {:?} does not match its {len} values", t.shape)));
         }
-        let nbytes = len * if dtype == "F32" { 4 } else { 8 };
-        let mut entry = serde_json::Map::new();
-        entry.insert("dtype".into(), dtype.into());
-        entry.insert("shape".into(), t.shape.clone().into());
-        entry.insert("data_offsets".into(), vec![offset, offset + nbytes].into());
-        header.insert(name.clone(), serde_json::Value::Object(entry));
-        offset += nbytes;
+        let end = offset + len * width;
+        header
+            .insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": t.shape, "data_offsets": [offset, end]}));
+        offset = end;
     }
     let mut header_bytes = serde_json::to_vec(&serde_json::Value::Object(header))
         .map_err(|e| format_err(origin, format!("cannot encode header: {e}")))?;
@@ -311,33 +316,74 @@ pub fn write_tensors_to_bytes(
     while header_bytes.len() % 8 != 0 {
         header_bytes.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + header_bytes.len() + offset);
+    let mut out = Vec::with_capacity(8 + header_bytes.len());
     out.extend_from_slice(&(header_bytes.len() as u64).to_le_bytes());
     out.extend_from_slice(&header_bytes);
+    Ok(out)
+}
+
+/// The data block, in key order, little-endian, converted in chunks to bound the extra memory.
+fn write_data(w: &mut impl Write, tensors: &BTreeMap<String, Tensor>) -> std::io::Result<()> {
+    const CHUNK: usize = 1 << 16;
+    let mut buf = Vec::with_capacity(CHUNK * 8);
     for t in tensors.values() {
         match &t.data {
-            TensorData::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            TensorData::I64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            TensorData::F32(v) => {
+                for c in v.chunks(CHUNK) {
+                    buf.clear();
+                    c.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+                    w.write_all(&buf)?;
+                }
+            }
+            TensorData::I64(v) => {
+                for c in v.chunks(CHUNK) {
+                    buf.clear();
+                    c.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+                    w.write_all(&buf)?;
+                }
+            }
         }
     }
+    Ok(())
+}
+
+/// Serialise tensors (F32 and I64) to safetensors bytes, keys in sorted order.
+pub fn write_tensors_to_bytes(
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: Option<&HashMap<String, String>>,
+    origin: &str,
+) -> Result<Vec<u8>, IoError> {
+    let mut out = encode_header(tensors, metadata, origin)?;
+    write_data(&mut out, tensors).map_err(|source| IoError::Write { path: origin.to_string(), source })?;
     Ok(out)
 }
 
 /// Write tensors (F32 and I64, any shape including scalars) to a safetensors file, atomically:
 /// the bytes go to `<path>.tmp-<pid>` in the same directory, are fsynced, then renamed over
-/// `path`, so readers see either the old file or the complete new one.
+/// `path`, so readers see either the old file or the complete new one. The data is streamed, so a
+/// multi-GB checkpoint does not need a second copy in memory.
 pub fn write_tensors(
     path: &Path,
     tensors: &BTreeMap<String, Tensor>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<(), IoError> {
-    let origin = path.display().to_string();
-    let bytes = write_tensors_to_bytes(tensors, metadata.as_ref(), &origin)?;
-    write_atomically(path, &bytes)
+    let header = encode_header(tensors, metadata.as_ref(), &path.display().to_string())?;
+    write_atomically_with(path, |w| {
+        w.write_all(&header)?;
+        write_data(w, tensors)
+    })
 }
 
 /// Replace `path` with `bytes` via a fsynced temporary file and a rename.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
+    write_atomically_with(path, |w| w.write_all(bytes))
+}
+
+/// Replace `path` with what `fill` writes, via a fsynced temporary file and a rename.
+fn write_atomically_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<(), IoError> {
     let origin = path.display().to_string();
     let write_err = |source| IoError::Write { path: origin.clone(), source };
     let Some(file_name) = path.file_name() else {
@@ -347,8 +393,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
     tmp_name.push(format!(".tmp-{}", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+        fill(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)
@@ -409,7 +456,12 @@ mod tests {
             data.extend(bytes);
         };
         add("u8", "U8", 1, vec![200]);
-        add("bf16", "BF16", 2, [half::bf16::from_f32(1.5), half::bf16::from_f32(-3.0)].iter().flat_map(|x| x.to_le_bytes()).collect());
+        add(
+            "bf16",
+            "BF16",
+            2,
+            [half::bf16::from_f32(1.5), half::bf16::from_f32(-3.0)].iter().flat_map(|x| x.to_le_bytes()).collect(),
+        );
         add("f16", "F16", 1, half::f16::from_f32(0.25).to_le_bytes().to_vec());
         add("f64", "F64", 1, 2.5f64.to_le_bytes().to_vec());
         add("i32", "I32", 2, [-5i32, 9].iter().flat_map(|x| x.to_le_bytes()).collect());

@@ -1,1 +1,4 @@
-//! IR passes.
+//! IR passes and analyses. A pass is a function from IR to IR plus a report; an analysis reads
+//! the IR and reports.
+
+pub mod cost;

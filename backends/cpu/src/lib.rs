@@ -29,6 +29,12 @@ pub enum CpuError {
     Ir(#[from] sparkc_ir::IrError),
 }
 
+/// Wall time per op kind, in seconds, accumulated over runs.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    pub by_op: BTreeMap<&'static str, f64>,
+}
+
 enum Compiled {
     Map(map::CompiledMap),
     Scan(scan::CompiledScan),
@@ -130,6 +136,16 @@ impl CpuProgram {
     /// Run the graph. `inputs` must hold every graph input (extra entries are ignored);
     /// `params` every parameter, as f32 of the declared shape.
     pub fn run(&self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, CpuError> {
+        self.run_profiled(inputs, params, None)
+    }
+
+    /// [`run`](Self::run), adding each op kind's wall time to `profile` when given.
+    pub fn run_profiled(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        params: &BTreeMap<String, Tensor>,
+        mut profile: Option<&mut Profile>,
+    ) -> Result<BTreeMap<String, Tensor>, CpuError> {
         let (env, mut fed) = self.bind_inputs(inputs)?;
         let mut values: HashMap<Value, Cow<Tensor>> = HashMap::new();
         for (pos, &n) in self.order.iter().enumerate() {
@@ -156,7 +172,12 @@ impl CpuProgram {
                 }
                 _ => {
                     let operands: Vec<&Tensor> = self.graph.operands(n).iter().map(|v| values[v].as_ref()).collect();
-                    self.exec(n, &operands, &shapes)?.into_iter().map(Cow::Owned).collect()
+                    let start = std::time::Instant::now();
+                    let r = self.exec(n, &operands, &shapes)?;
+                    if let Some(p) = profile.as_deref_mut() {
+                        *p.by_op.entry(node.op.name()).or_default() += start.elapsed().as_secs_f64();
+                    }
+                    r.into_iter().map(Cow::Owned).collect()
                 }
             };
             for (port, t) in results.into_iter().enumerate() {
