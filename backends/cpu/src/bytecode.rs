@@ -183,30 +183,24 @@ impl Registers {
 impl Program {
     /// Run every instruction on the first `n` lanes.
     pub fn run(&self, regs: &mut Registers, n: usize) {
-        let mut a = [0f32; LANES];
-        let mut b = [0f32; LANES];
         for ins in &self.instrs {
             match *ins {
                 Instr::Un(op, d, x) => {
-                    a[..n].copy_from_slice(&regs.reg(x)[..n]);
-                    let dst = &mut regs.reg_mut(d)[..n];
-                    macro_rules! lanes {
-                        ($f:expr) => {
-                            for i in 0..n {
-                                dst[i] = $f(a[i]);
-                            }
-                        };
-                    }
+                    // Results are allocated after their operands, so d > x: split there.
+                    let (lo, hi) = regs.data.split_at_mut(d as usize * LANES);
+                    let a = &lo[x as usize * LANES..x as usize * LANES + n];
+                    let dst = &mut hi[..n];
                     match op {
-                        UnOp::Neg => lanes!(|x: f32| -x),
-                        UnOp::Abs => lanes!(|x: f32| x.abs()),
-                        _ => lanes!(|x| un_f32(op, x)),
+                        UnOp::Neg => dst.iter_mut().zip(a).for_each(|(o, &x)| *o = -x),
+                        UnOp::Abs => dst.iter_mut().zip(a).for_each(|(o, &x)| *o = x.abs()),
+                        _ => dst.iter_mut().zip(a).for_each(|(o, &x)| *o = un_f32(op, x)),
                     }
                 }
                 Instr::Bin(op, d, x, y) => {
-                    a[..n].copy_from_slice(&regs.reg(x)[..n]);
-                    b[..n].copy_from_slice(&regs.reg(y)[..n]);
-                    let dst = &mut regs.reg_mut(d)[..n];
+                    let (lo, hi) = regs.data.split_at_mut(d as usize * LANES);
+                    let a = &lo[x as usize * LANES..x as usize * LANES + n];
+                    let b = &lo[y as usize * LANES..y as usize * LANES + n];
+                    let dst = &mut hi[..n];
                     macro_rules! lanes {
                         ($f:expr) => {
                             for i in 0..n {
@@ -223,8 +217,8 @@ impl Program {
                     }
                 }
                 Instr::Copy(d, s) => {
-                    a[..n].copy_from_slice(&regs.reg(s)[..n]);
-                    regs.reg_mut(d)[..n].copy_from_slice(&a[..n]);
+                    let (d, s) = (d as usize * LANES, s as usize * LANES);
+                    regs.data.copy_within(s..s + n, d);
                 }
             }
         }

@@ -101,7 +101,29 @@ impl CompiledMap {
                     match acc {
                         Access::Full => dst.copy_from_slice(&data[base..base + len]),
                         Access::Scalar => dst.fill(data[0]),
-                        _ => dst.iter_mut().enumerate().for_each(|(j, v)| *v = data[offset(acc, base + j)]),
+                        // Walk the repeating operand without a division per element.
+                        Access::Suffix(n) => {
+                            let mut at = base % n;
+                            for v in dst.iter_mut() {
+                                *v = data[at];
+                                at += 1;
+                                if at == *n {
+                                    at = 0;
+                                }
+                            }
+                        }
+                        Access::Outer { inner } => {
+                            let (mut at, mut within) = (base / inner, base % inner);
+                            for v in dst.iter_mut() {
+                                *v = data[at];
+                                within += 1;
+                                if within == *inner {
+                                    within = 0;
+                                    at += 1;
+                                }
+                            }
+                        }
+                        Access::Strided { .. } => dst.iter_mut().enumerate().for_each(|(j, v)| *v = data[offset(acc, base + j)]),
                     }
                 }
                 self.prog.run(&mut regs, len);
