@@ -218,3 +218,72 @@ pub fn build_graph(cfg: &NeuronSparkConfig, opts: &GraphOptions) -> Result<Graph
 pub fn state_floats_per_sequence(cfg: &NeuronSparkConfig) -> u64 {
     (cfg.num_layers * (2 * cfg.d + cfg.dn() + 2 * cfg.d_ff) + cfg.d) as u64
 }
+
+/// Natural-gradient compensation of spec §7, applied to parameter gradients before clipping.
+///
+/// Phase 1 rescales the gradients of the static modulation biases by the saturation of their
+/// activations (b_β by max(σ(b_β)(1−σ(b_β)), 1/C_max), b_α by max(σ(b_α), 0.1)); phase 2
+/// equalises b_β, b_α and b_th across layers towards the geometric mean of their norms, with
+/// the ratio clamped to [1/C_max, C_max].
+pub fn compensate_gradients(
+    grads: &mut std::collections::BTreeMap<String, sparkc_ir::Tensor>,
+    params: &std::collections::BTreeMap<String, sparkc_ir::Tensor>,
+    cfg: &NeuronSparkConfig,
+    c_max: f64,
+) -> Result<(), String> {
+    let sigmoid = |x: f32| 1.0 / (1.0 + (-(x as f64)).exp());
+    let key = |i: usize, name: &str| format!("layers.{i}.snn_block.{name}");
+    let slice = |map: &mut std::collections::BTreeMap<String, sparkc_ir::Tensor>, k: &str| -> Result<Vec<f64>, String> {
+        let t = map.get(k).ok_or_else(|| format!("no gradient for `{k}`"))?;
+        Ok(t.as_f32().ok_or_else(|| format!("gradient `{k}` is not f32"))?.iter().map(|&v| v as f64).collect())
+    };
+    let store = |map: &mut std::collections::BTreeMap<String, sparkc_ir::Tensor>, k: &str, v: Vec<f64>| {
+        if let Some(t) = map.get_mut(k).and_then(|t| t.as_f32_mut()) {
+            t.iter_mut().zip(v).for_each(|(a, b)| *a = b as f32);
+        }
+    };
+    for i in 0..cfg.num_layers {
+        for (name, floor) in [("b_beta", None), ("b_alpha", Some(0.1))] {
+            let k = key(i, name);
+            let p = params.get(&k).and_then(|t| t.as_f32()).ok_or_else(|| format!("no parameter `{k}`"))?;
+            let g = slice(grads, &k)?;
+            let scaled = g
+                .iter()
+                .zip(p)
+                .map(|(&g, &b)| {
+                    let s = sigmoid(b);
+                    let denom = match floor {
+                        None => (s * (1.0 - s)).max(1.0 / c_max),
+                        Some(f) => s.max(f),
+                    };
+                    g / denom
+                })
+                .collect();
+            store(grads, &k, scaled);
+        }
+    }
+    for name in ["b_beta", "b_alpha", "b_th"] {
+        let layers: Vec<(String, Vec<f64>)> = (0..cfg.num_layers)
+            .map(|i| {
+                let k = key(i, name);
+                slice(grads, &k).map(|g| (k, g))
+            })
+            .collect::<Result<_, _>>()?;
+        let norms: Vec<(usize, f64)> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, (_, g))| (i, g.iter().map(|v| v * v).sum::<f64>().sqrt()))
+            .filter(|(_, n)| *n > 1e-12)
+            .collect();
+        if norms.len() < 2 {
+            continue;
+        }
+        let geo = (norms.iter().map(|(_, n)| n.ln()).sum::<f64>() / norms.len() as f64).exp();
+        for (i, n) in norms {
+            let scale = (geo / n).clamp(1.0 / c_max, c_max);
+            let (k, g) = &layers[i];
+            store(grads, k, g.iter().map(|v| v * scale).collect());
+        }
+    }
+    Ok(())
+}

@@ -7,6 +7,7 @@
 //! - [`text`]: printer and parser; [`verify`]: the verifier;
 //! - [`tensor`]: host tensors for parameters, inputs and results; [`rng`]: seeded randomness.
 
+pub mod adjoint;
 pub mod error;
 pub mod expr;
 pub mod graph;
@@ -21,6 +22,7 @@ pub mod verify;
 pub use error::IrError;
 pub use expr::{parse_expr, BinOp, Expr, UnOp};
 pub use graph::{Graph, Node, Port, Value};
+pub use petgraph::stable_graph::NodeIndex;
 pub use neuron::NeuronModel;
 pub use op::{Op, StateScope};
 pub use tensor::Tensor;

@@ -67,6 +67,39 @@ pub enum Op {
     Mean,
     /// Element type conversion.
     Cast { to: DType },
+
+    // ---- gradient ops: what the autodiff pass emits (each documented by its forward op) ----
+    /// Zeros of the operand's type (an upstream gradient that nothing produces).
+    ZerosLike,
+    /// (x, like) → x summed over the dims that broadcasting added or expanded to reach x's
+    /// shape from like's shape: the adjoint of a broadcast.
+    ReduceLike,
+    /// (dy [...,O], w [O,I]) → dx [...,I] = dy·w: `Linear`'s input gradient.
+    LinearGradInput,
+    /// (dy [...,O], x [...,I]) → dw [O,I] = Σ_rows dyᵀ·x: `Linear`'s weight gradient.
+    LinearGradWeight,
+    /// (dy [B,T,D], ids [B,T], table [V,D]) → dtable [V,D]: scatter-add of rows.
+    EmbeddingGrad,
+    /// [B,T,K,D] → [B,T,D]: sum over frames (the adjoint of `RepeatFrames`).
+    SumFrames,
+    /// (dy, x, w) → (dx, dw [D]): the gradient of `RmsNorm` / `LateralInhibition`.
+    RmsNormGrad { eps: f64 },
+    /// The reverse scan: operands are the forward scan's operands, then the upstream gradient
+    /// of every emitted output [B,T,K,C], then of every final state [B,C]. Results are the
+    /// gradients of the per-step inputs, of the params (summed over batch and time) and of the
+    /// initial states. The step's adjoint is derived from the neuron model (surrogate for the
+    /// fire step; the reset's spike is constant when the model detaches it).
+    ScanAdjoint { neuron: String, emit: Vec<String>, scope: StateScope },
+    /// (dλ̂ [B,T,K,1], dE [B,T,1], logits [B,T,K,1]) → dlogits: `PonderWeights`' gradient.
+    PonderWeightsGrad { clamp: f64, eps: f64 },
+    /// (dy [B,T,D], frames [B,T,K,D], weights [B,T,K,1]) → (dframes, dweights).
+    FrameWeightedSumGrad,
+    /// (dce [...], logits [...,V], targets [...]) → dlogits: (softmax − onehot)·dce, 0 where ignored.
+    CrossEntropyGrad { ignore_index: i64 },
+    /// (dy [], mask [...]) → dy·mask / Σ mask.
+    MaskedMeanGrad,
+    /// (dy [], like) → dy / numel(like), shaped like `like`.
+    MeanGrad,
 }
 
 /// An attribute value in the text form.
@@ -100,6 +133,19 @@ impl Op {
             Op::MaskedMean => "masked_mean",
             Op::Mean => "mean",
             Op::Cast { .. } => "cast",
+            Op::ZerosLike => "zeros_like",
+            Op::ReduceLike => "reduce_like",
+            Op::LinearGradInput => "linear_grad_input",
+            Op::LinearGradWeight => "linear_grad_weight",
+            Op::EmbeddingGrad => "embedding_grad",
+            Op::SumFrames => "sum_frames",
+            Op::RmsNormGrad { .. } => "rms_norm_grad",
+            Op::ScanAdjoint { .. } => "scan_adjoint",
+            Op::PonderWeightsGrad { .. } => "ponder_weights_grad",
+            Op::FrameWeightedSumGrad => "frame_weighted_sum_grad",
+            Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
+            Op::MaskedMeanGrad => "masked_mean_grad",
+            Op::MeanGrad => "mean_grad",
         }
     }
 
@@ -115,24 +161,35 @@ impl Op {
                 },
             )],
             Op::Linear { bias } => vec![("bias", Attr::Ident(bias.to_string()))],
-            Op::RmsNorm { eps } | Op::LateralInhibition { eps } => vec![("eps", Attr::Float(*eps))],
+            Op::RmsNorm { eps } | Op::LateralInhibition { eps } | Op::RmsNormGrad { eps } => vec![("eps", Attr::Float(*eps))],
             Op::Map { expr } => vec![("f", Attr::Expr(expr.clone()))],
-            Op::Scan { neuron, emit, scope } => vec![
+            Op::Scan { neuron, emit, scope } | Op::ScanAdjoint { neuron, emit, scope } => vec![
                 ("neuron", Attr::Ident(neuron.clone())),
                 ("emit", Attr::List(emit.iter().map(|e| Attr::Ident(e.clone())).collect())),
                 ("scope", Attr::Ident(scope.name().into())),
             ],
-            Op::PonderWeights { clamp, eps } => {
+            Op::PonderWeights { clamp, eps } | Op::PonderWeightsGrad { clamp, eps } => {
                 vec![("clamp", Attr::Float(*clamp)), ("eps", Attr::Float(*eps))]
             }
-            Op::CrossEntropy { ignore_index } => vec![("ignore_index", Attr::Int(*ignore_index))],
+            Op::CrossEntropy { ignore_index } | Op::CrossEntropyGrad { ignore_index } => {
+                vec![("ignore_index", Attr::Int(*ignore_index))]
+            }
             Op::Cast { to } => vec![("to", Attr::Ident(to.name().into()))],
             Op::Embedding
             | Op::MeanFrames
             | Op::FrameWeightedSum
             | Op::CenterLast
             | Op::MaskedMean
-            | Op::Mean => vec![],
+            | Op::Mean
+            | Op::ZerosLike
+            | Op::ReduceLike
+            | Op::LinearGradInput
+            | Op::LinearGradWeight
+            | Op::EmbeddingGrad
+            | Op::SumFrames
+            | Op::FrameWeightedSumGrad
+            | Op::MaskedMeanGrad
+            | Op::MeanGrad => vec![],
         }
     }
 
@@ -150,6 +207,8 @@ impl Op {
         let float = |k: &str| match get(k)? {
             Attr::Float(f) => Ok(*f),
             Attr::Int(i) => Ok(*i as f64),
+            Attr::Ident(s) if s == "inf" => Ok(f64::INFINITY),
+            Attr::Ident(s) if s == "nan" => Ok(f64::NAN),
             other => Err(format!("attribute `{k}` of `{name}` must be a number, got {other:?}")),
         };
         let op = match name {
@@ -172,6 +231,7 @@ impl Op {
                 },
             },
             "rms_norm" => Op::RmsNorm { eps: float("eps")? },
+            "rms_norm_grad" => Op::RmsNormGrad { eps: float("eps")? },
             "lateral_inhibition" => Op::LateralInhibition { eps: float("eps")? },
             "map" => Op::Map {
                 expr: match get("f")? {
@@ -179,35 +239,40 @@ impl Op {
                     other => return Err(format!("`f` of `map` must be an expression, got {other:?}")),
                 },
             },
-            "scan" => Op::Scan {
-                neuron: ident("neuron")?,
-                emit: match get("emit")? {
-                    Attr::List(items) => items
-                        .iter()
-                        .map(|a| match a {
-                            Attr::Ident(s) => Ok(s.clone()),
-                            other => Err(format!("`emit` lists output names, got {other:?}")),
-                        })
-                        .collect::<Result<_, _>>()?,
-                    other => return Err(format!("`emit` must be a list, got {other:?}")),
-                },
-                scope: match ident("scope")?.as_str() {
-                    "sequence" => StateScope::Sequence,
-                    "token" => StateScope::Token,
-                    other => return Err(format!("`scope` must be sequence or token, got `{other}`")),
-                },
-            },
+            "scan" | "scan_adjoint" => {
+                let (neuron, emit, scope) = scan_attrs(name, attrs)?;
+                if name == "scan" {
+                    Op::Scan { neuron, emit, scope }
+                } else {
+                    Op::ScanAdjoint { neuron, emit, scope }
+                }
+            }
             "ponder_weights" => Op::PonderWeights { clamp: float("clamp")?, eps: float("eps")? },
+            "ponder_weights_grad" => Op::PonderWeightsGrad { clamp: float("clamp")?, eps: float("eps")? },
             "frame_weighted_sum" => Op::FrameWeightedSum,
             "center_last" => Op::CenterLast,
-            "cross_entropy" => Op::CrossEntropy {
-                ignore_index: match get("ignore_index")? {
+            "cross_entropy" | "cross_entropy_grad" => {
+                let ignore_index = match get("ignore_index")? {
                     Attr::Int(i) => *i,
                     other => return Err(format!("`ignore_index` must be an integer, got {other:?}")),
-                },
-            },
+                };
+                if name == "cross_entropy" {
+                    Op::CrossEntropy { ignore_index }
+                } else {
+                    Op::CrossEntropyGrad { ignore_index }
+                }
+            }
             "masked_mean" => Op::MaskedMean,
             "mean" => Op::Mean,
+            "zeros_like" => Op::ZerosLike,
+            "reduce_like" => Op::ReduceLike,
+            "linear_grad_input" => Op::LinearGradInput,
+            "linear_grad_weight" => Op::LinearGradWeight,
+            "embedding_grad" => Op::EmbeddingGrad,
+            "sum_frames" => Op::SumFrames,
+            "frame_weighted_sum_grad" => Op::FrameWeightedSumGrad,
+            "masked_mean_grad" => Op::MaskedMeanGrad,
+            "mean_grad" => Op::MeanGrad,
             "cast" => {
                 let t = ident("to")?;
                 Op::Cast { to: DType::from_name(&t).ok_or_else(|| format!("unknown dtype `{t}`"))? }
@@ -225,6 +290,31 @@ impl Op {
     pub fn is_source(&self) -> bool {
         matches!(self, Op::Input { .. } | Op::Param { .. })
     }
+}
+
+/// The `neuron`, `emit` and `scope` attributes shared by `scan` and `scan_adjoint`.
+fn scan_attrs(name: &str, attrs: &BTreeMap<String, Attr>) -> Result<(String, Vec<String>, StateScope), String> {
+    let get = |k: &str| attrs.get(k).ok_or_else(|| format!("`{name}` needs attribute `{k}`"));
+    let ident = |k: &str| match get(k)? {
+        Attr::Ident(s) => Ok(s.clone()),
+        other => Err(format!("attribute `{k}` of `{name}` must be a name, got {other:?}")),
+    };
+    let emit = match get("emit")? {
+        Attr::List(items) => items
+            .iter()
+            .map(|a| match a {
+                Attr::Ident(s) => Ok(s.clone()),
+                other => Err(format!("`emit` of `{name}` lists output names, got {other:?}")),
+            })
+            .collect::<Result<_, _>>()?,
+        other => return Err(format!("`emit` of `{name}` must be a list, got {other:?}")),
+    };
+    let scope = match ident("scope")?.as_str() {
+        "sequence" => StateScope::Sequence,
+        "token" => StateScope::Token,
+        other => return Err(format!("`scope` must be sequence or token, got `{other}`")),
+    };
+    Ok((ident("neuron")?, emit, scope))
 }
 
 /// Where the neuron models of a graph are looked up while typing.
@@ -318,6 +408,10 @@ pub fn infer_types(
         }
         Op::RepeatFrames { frames } => {
             cx.arity(ins, 1)?;
+            // The text form writes a constant count as a positive integer.
+            if frames.as_const().is_some_and(|n| n == 0 || n > i64::MAX as u64) {
+                return cx.err(format!("`frames` must be a positive size, got {frames}"));
+            }
             cx.rank(&ins[0], 3, "repeat_frames input")?;
             let s = &ins[0].shape.0;
             Ok(vec![ValueType::new(
@@ -365,7 +459,11 @@ pub fn infer_types(
                 return cx.err("`map` needs at least one operand");
             }
             for v in expr.vars() {
-                let idx = v.strip_prefix('x').and_then(|n| n.parse::<usize>().ok());
+                // Backends bind operands as exactly `x0`, `x1`, ...: `x01` or `x+1` name none.
+                let idx = v
+                    .strip_prefix('x')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .filter(|i| format!("x{i}") == v);
                 match idx {
                     Some(i) if i < ins.len() => {}
                     _ => return cx.err(format!("`map` expression reads `{v}`; operands are x0..x{}", ins.len() - 1)),
@@ -469,6 +567,109 @@ pub fn infer_types(
             cx.arity(ins, 1)?;
             cx.float(&ins[0], "mean input")?;
             Ok(vec![f32(Shape::scalar())])
+        }
+        Op::ZerosLike => {
+            cx.arity(ins, 1)?;
+            Ok(vec![ins[0].clone()])
+        }
+        Op::ReduceLike => {
+            cx.arity(ins, 2)?;
+            cx.float(&ins[0], "reduce_like input")?;
+            if broadcast_shapes(&[&ins[0].shape, &ins[1].shape], dims).map(|s| s.resolve(dims)) != Some(ins[0].shape.resolve(dims)) {
+                return cx.err(format!("{} does not broadcast to {}", ins[1], ins[0]));
+            }
+            Ok(vec![f32(ins[1].shape.clone())])
+        }
+        Op::LinearGradInput => {
+            cx.arity(ins, 2)?;
+            cx.rank(&ins[1], 2, "linear weight")?;
+            let Some(o) = ins[0].shape.last() else { return cx.err("gradient must have rank >= 1") };
+            if !cx.same(o, &ins[1].shape.0[0]) {
+                return cx.err(format!("gradient {} does not match weight {}", ins[0], ins[1]));
+            }
+            let mut s = ins[0].shape.0.clone();
+            *s.last_mut().expect("rank checked") = ins[1].shape.0[1].clone();
+            Ok(vec![f32(Shape(s))])
+        }
+        Op::LinearGradWeight => {
+            cx.arity(ins, 2)?;
+            let (dy, x) = (&ins[0].shape, &ins[1].shape);
+            if dy.rank() == 0 || dy.rank() != x.rank() || !(0..dy.rank() - 1).all(|i| cx.same(&dy.0[i], &x.0[i])) {
+                return cx.err(format!("gradient {} and input {} must share their leading dims", ins[0], ins[1]));
+            }
+            Ok(vec![f32(Shape(vec![dy.0[dy.rank() - 1].clone(), x.0[x.rank() - 1].clone()]))])
+        }
+        Op::EmbeddingGrad => {
+            cx.arity(ins, 3)?;
+            cx.rank(&ins[2], 2, "embedding table")?;
+            if !ins[1].dtype.is_int() {
+                return cx.err(format!("token ids must be integers, got {}", ins[1]));
+            }
+            Ok(vec![f32(ins[2].shape.clone())])
+        }
+        Op::SumFrames => {
+            cx.arity(ins, 1)?;
+            cx.rank(&ins[0], 4, "sum_frames input")?;
+            let s = &ins[0].shape.0;
+            Ok(vec![f32(Shape(vec![s[0].clone(), s[1].clone(), s[3].clone()]))])
+        }
+        Op::RmsNormGrad { .. } => {
+            cx.arity(ins, 3)?;
+            if !cx.same_shape(&ins[0].shape, &ins[1].shape) {
+                return cx.err(format!("gradient {} does not match input {}", ins[0], ins[1]));
+            }
+            cx.rank(&ins[2], 1, "norm weight")?;
+            Ok(vec![f32(ins[1].shape.clone()), f32(ins[2].shape.clone())])
+        }
+        Op::ScanAdjoint { neuron, emit, scope } => {
+            let m = neurons.get(neuron).ok_or_else(|| format!("unknown neuron model `{neuron}`"))?;
+            let n_fwd = m.inputs.len() + m.params.len() + m.state.len();
+            if ins.len() != n_fwd + emit.len() + m.state.len() {
+                return cx.err(format!(
+                    "`scan_adjoint` of `{neuron}` takes {} operands (forward operands, then gradients of {} outputs and {} final states), got {}",
+                    n_fwd + emit.len() + m.state.len(),
+                    emit.len(),
+                    m.state.len(),
+                    ins.len()
+                ));
+            }
+            let fwd_op = Op::Scan { neuron: neuron.clone(), emit: emit.clone(), scope: *scope };
+            let fwd = infer_types(&fwd_op, &ins[..n_fwd], neurons, dims)?;
+            for (i, (g, want)) in ins[n_fwd..].iter().zip(&fwd).enumerate() {
+                if !cx.same_shape(&g.shape, &want.shape) {
+                    return cx.err(format!("upstream gradient {i} is {g}, expected {want}"));
+                }
+            }
+            Ok(ins[..n_fwd].iter().map(|t| f32(t.shape.clone())).collect())
+        }
+        Op::PonderWeightsGrad { .. } => {
+            cx.arity(ins, 3)?;
+            cx.rank(&ins[2], 4, "halt logits")?;
+            if !cx.same_shape(&ins[0].shape, &ins[2].shape) {
+                return cx.err(format!("gradient {} does not match logits {}", ins[0], ins[2]));
+            }
+            Ok(vec![f32(ins[2].shape.clone())])
+        }
+        Op::FrameWeightedSumGrad => {
+            cx.arity(ins, 3)?;
+            let fwd = infer_types(&Op::FrameWeightedSum, &ins[1..], neurons, dims)?;
+            if !cx.same_shape(&ins[0].shape, &fwd[0].shape) {
+                return cx.err(format!("gradient {} does not match the sum {}", ins[0], fwd[0]));
+            }
+            Ok(vec![f32(ins[1].shape.clone()), f32(ins[2].shape.clone())])
+        }
+        Op::CrossEntropyGrad { ignore_index } => {
+            cx.arity(ins, 3)?;
+            let fwd = infer_types(&Op::CrossEntropy { ignore_index: *ignore_index }, &ins[1..], neurons, dims)?;
+            if !cx.same_shape(&ins[0].shape, &fwd[0].shape) {
+                return cx.err(format!("gradient {} does not match the loss {}", ins[0], fwd[0]));
+            }
+            Ok(vec![f32(ins[1].shape.clone())])
+        }
+        Op::MaskedMeanGrad | Op::MeanGrad => {
+            cx.arity(ins, 2)?;
+            cx.rank(&ins[0], 0, "upstream gradient")?;
+            Ok(vec![f32(ins[1].shape.clone())])
         }
         Op::Cast { to } => {
             cx.arity(ins, 1)?;

@@ -1,4 +1,5 @@
 //! IR passes and analyses. A pass is a function from IR to IR plus a report; an analysis reads
 //! the IR and reports.
 
+pub mod autodiff;
 pub mod cost;

@@ -3,7 +3,8 @@
 use crate::model_source::{load_config, load_weights};
 use anyhow::{bail, Context, Result};
 use sparkc_backend_cpu::CpuProgram;
-use sparkc_frontend::neuronspark::{build_graph, GraphOptions};
+use sparkc_frontend::neuronspark::{build_graph, compensate_gradients, GraphOptions};
+use sparkc_passes::autodiff::{differentiate, GRAD_PREFIX};
 use sparkc_frontend::tensors_io::{read_tensors, write_tensors};
 use sparkc_ir::Tensor;
 use sparkc_runtime::Session;
@@ -33,6 +34,12 @@ pub struct Args {
     /// Weight of the ponder cost in `total_loss`.
     #[arg(long, default_value_t = 0.01)]
     pub ponder_weight: f64,
+    /// Also write d total_loss / d parameter for every parameter (F32, keyed by name).
+    #[arg(long)]
+    pub grads_out: Option<PathBuf>,
+    /// Apply the natural-gradient compensation (spec §7, C_max 100) to the written gradients.
+    #[arg(long, requires = "grads_out")]
+    pub compensate: bool,
 }
 
 /// Check an id tensor: integer, rank 2.
@@ -72,8 +79,14 @@ pub fn run(a: Args) -> Result<()> {
         feed.insert("target_ids".into(), targets.clone());
         feed.insert("loss_mask".into(), mask);
     }
+    if a.grads_out.is_some() && targets.is_none() {
+        bail!("--grads-out needs `target_ids` in {file}");
+    }
     let opts = GraphOptions { with_loss: targets.is_some(), ponder_weight: a.ponder_weight, debug_outputs: false };
-    let graph = build_graph(&cfg, &opts)?;
+    let mut graph = build_graph(&cfg, &opts)?;
+    if a.grads_out.is_some() {
+        graph = differentiate(&graph, "total_loss", &[])?;
+    }
     let mut session = Session::new(CpuProgram::compile(&graph)?, params);
     session.reset(b);
     let out = session.step(feed)?;
@@ -88,6 +101,17 @@ pub fn run(a: Args) -> Result<()> {
         result.insert("total_loss".to_string(), scalar("total_loss"));
     }
     write_tensors(&a.out, &result, None)?;
+    if let Some(path) = &a.grads_out {
+        let mut grads: BTreeMap<String, Tensor> = out
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(GRAD_PREFIX).map(|p| (p.to_string(), v.clone())))
+            .collect();
+        if a.compensate {
+            compensate_gradients(&mut grads, session.params(), &cfg, 100.0).map_err(anyhow::Error::msg)?;
+        }
+        write_tensors(path, &grads, None)?;
+        println!("wrote {} ({} parameter gradients{})", path.display(), grads.len(), if a.compensate { ", compensated" } else { "" });
+    }
     let summary: Vec<String> = ["lm_loss", "total_loss", "ponder_cost"]
         .iter()
         .filter_map(|k| result.get(*k).map(|v| format!("{k} {:.6}", v.to_f32_vec()[0])))

@@ -178,6 +178,12 @@ impl Registers {
     pub fn reg_mut(&mut self, r: u16) -> &mut [f32] {
         &mut self.data[r as usize * LANES..(r as usize + 1) * LANES]
     }
+
+    /// dst ← src on the first `n` lanes.
+    pub fn copy(&mut self, dst: u16, src: u16, n: usize) {
+        let (d, s) = (dst as usize * LANES, src as usize * LANES);
+        self.data.copy_within(s..s + n, d);
+    }
 }
 
 impl Program {

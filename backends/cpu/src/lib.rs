@@ -7,7 +7,7 @@
 pub mod bytecode;
 pub mod kernels;
 
-use kernels::{dense, map, reduce, scan};
+use kernels::{dense, grad, map, reduce, scan};
 use petgraph::stable_graph::NodeIndex;
 use sparkc_ir::tensor::TensorData;
 use sparkc_ir::types::DimBindings;
@@ -38,6 +38,7 @@ pub struct Profile {
 enum Compiled {
     Map(map::CompiledMap),
     Scan(scan::CompiledScan),
+    ScanAdjoint(scan::CompiledScanAdjoint),
 }
 
 /// A graph compiled for the CPU.
@@ -70,6 +71,11 @@ impl CpuProgram {
                     let model = &graph.neurons[neuron];
                     let s = scan::compile(model, emit, *scope).map_err(|e| CpuError::Compile(format!("`{}`: {e}", node.name)))?;
                     compiled.insert(n, Compiled::Scan(s));
+                }
+                Op::ScanAdjoint { neuron, emit, scope } => {
+                    let model = &graph.neurons[neuron];
+                    let s = scan::compile_adjoint(model, emit, *scope).map_err(|e| CpuError::Compile(format!("`{}`: {e}", node.name)))?;
+                    compiled.insert(n, Compiled::ScanAdjoint(s));
                 }
                 _ => {}
             }
@@ -273,6 +279,62 @@ impl CpuProgram {
             }
             Op::MaskedMean => vec![out(vec![reduce::masked_mean(f(0)?, f(1)?)])],
             Op::Mean => vec![out(vec![reduce::mean(f(0)?)])],
+            Op::ZerosLike => vec![match &ins[0].data {
+                TensorData::F32(_) => Tensor::zeros(shapes[0].clone()),
+                TensorData::I64(v) => Tensor::i64(shapes[0].clone(), vec![0; v.len()]),
+            }],
+            Op::ReduceLike => vec![out(grad::reduce_like(f(0)?, &ins[0].shape, &shapes[0]))],
+            Op::LinearGradInput => {
+                let (o, i) = (ins[1].shape[0], ins[1].shape[1]);
+                let m = ins[0].numel() / o.max(1);
+                vec![out(grad::linear_grad_input(f(0)?, f(1)?, m, o, i))]
+            }
+            Op::LinearGradWeight => {
+                let (o, i) = (last(0), last(1));
+                let m = ins[0].numel() / o.max(1);
+                vec![out(grad::linear_grad_weight(f(0)?, f(1)?, m, o, i))]
+            }
+            Op::EmbeddingGrad => {
+                let (v, d) = (ins[2].shape[0], ins[2].shape[1]);
+                vec![out(grad::embedding_grad(f(0)?, ints(1)?, v, d).map_err(|m| self.exec_err(n, m))?)]
+            }
+            Op::SumFrames => {
+                let s = &ins[0].shape;
+                vec![out(grad::sum_frames(f(0)?, s[2], s[3]))]
+            }
+            Op::RmsNormGrad { eps } => {
+                let (dx, dw) = grad::rms_norm_grad(f(0)?, f(1)?, f(2)?, *eps);
+                vec![out(dx), Tensor::f32(shapes[1].clone(), dw)]
+            }
+            Op::ScanAdjoint { neuron, emit, .. } => {
+                let Some(Compiled::ScanAdjoint(sc)) = self.compiled.get(&n) else { unreachable!("scan adjoints are compiled") };
+                let model = &self.graph.neurons[neuron];
+                let (ni, np, ns) = (model.inputs.len(), model.params.len(), model.state.len());
+                let s = &ins[0].shape;
+                let dims = scan::ScanDims { b: s[0], s: s[1] * s[2], k: s[2], c: s[3] };
+                let all: Vec<&[f32]> = (0..ins.len()).map(f).collect::<Result<_, _>>()?;
+                let fwd = ni + np + ns;
+                let g = sc.run(&all[..ni], &all[ni..ni + np], &all[ni + np..fwd], &all[fwd..fwd + emit.len()], &all[fwd + emit.len()..], dims);
+                g.inputs.into_iter().chain(g.params).chain(g.init).zip(shapes).map(|(d, sh)| Tensor::f32(sh.clone(), d)).collect()
+            }
+            Op::PonderWeightsGrad { clamp, eps } => {
+                let k = ins[2].shape[2];
+                vec![out(grad::ponder_weights_grad(f(0)?, f(1)?, f(2)?, k, *clamp, *eps))]
+            }
+            Op::FrameWeightedSumGrad => {
+                let s = &ins[1].shape;
+                let (df, dw) = grad::frame_weighted_sum_grad(f(0)?, f(1)?, f(2)?, s[2], s[3]);
+                vec![out(df), Tensor::f32(shapes[1].clone(), dw)]
+            }
+            Op::CrossEntropyGrad { ignore_index } => {
+                let d = grad::cross_entropy_grad(f(0)?, f(1)?, ints(2)?, last(1), *ignore_index).map_err(|m| self.exec_err(n, m))?;
+                vec![out(d)]
+            }
+            Op::MaskedMeanGrad => vec![out(grad::masked_mean_grad(f(0)?[0], f(1)?))],
+            Op::MeanGrad => {
+                let numel = ins[1].numel().max(1);
+                vec![out(vec![f(0)?[0] / numel as f32; numel])]
+            }
             Op::Cast { to } => {
                 let t = match (*to, &ins[0].data) {
                     (DType::F32 | DType::F64 | DType::BF16, d) => Tensor::f32(shapes[0].clone(), match d {

@@ -6,7 +6,7 @@ use sparkc_ir::Expr;
 
 /// How an operand's element is found from the output's flat index.
 #[derive(Clone, Debug)]
-enum Access {
+pub(crate) enum Access {
     /// Same shape as the output.
     Full,
     /// The output's trailing `n` elements repeat (e.g. a [C] parameter over [..., C]).
@@ -19,7 +19,7 @@ enum Access {
     Strided { out_dims: Vec<usize>, strides: Vec<usize> },
 }
 
-fn access_for(shape: &[usize], out: &[usize]) -> Access {
+pub(crate) fn access_for(shape: &[usize], out: &[usize]) -> Access {
     let numel: usize = shape.iter().product();
     let out_numel: usize = out.iter().product();
     if numel == out_numel {
@@ -48,7 +48,7 @@ fn access_for(shape: &[usize], out: &[usize]) -> Access {
     Access::Strided { out_dims: out.to_vec(), strides }
 }
 
-fn offset(access: &Access, i: usize) -> usize {
+pub(crate) fn offset(access: &Access, i: usize) -> usize {
     match access {
         Access::Full => i,
         Access::Suffix(n) => i % n,

@@ -4,3 +4,4 @@ pub mod dense;
 pub mod map;
 pub mod reduce;
 pub mod scan;
+pub mod grad;

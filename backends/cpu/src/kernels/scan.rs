@@ -195,3 +195,180 @@ mod tests {
         }
     }
 }
+
+/// The reverse scan: recompute the forward state trajectory lane by lane, then run the
+/// adjoint step (derived from the neuron model by `sparkc_ir::adjoint`) backwards in time.
+pub struct CompiledScanAdjoint {
+    forward: CompiledScan,
+    prog: Program,
+    inputs: Vec<u16>,
+    params: Vec<u16>,
+    state: Vec<u16>,
+    out_grads: Vec<u16>,
+    carry: Vec<u16>,
+    input_grads: Vec<u16>,
+    param_grads: Vec<u16>,
+    state_grads: Vec<u16>,
+    scope: StateScope,
+}
+
+/// Gradients from a reverse scan: per-step inputs [B,S,C], params [C], initial states [B,C].
+pub struct ScanGrads {
+    pub inputs: Vec<Vec<f32>>,
+    pub params: Vec<Vec<f32>>,
+    pub init: Vec<Vec<f32>>,
+}
+
+pub fn compile_adjoint(model: &NeuronModel, emit: &[String], scope: StateScope) -> Result<CompiledScanAdjoint, String> {
+    let forward = compile(model, &[], scope)?;
+    let step = sparkc_ir::adjoint::derive(model, emit)?;
+    let mut c = Compiler::new();
+    let named = |c: &mut Compiler, names: Vec<String>| -> Vec<u16> {
+        names
+            .into_iter()
+            .map(|n| {
+                let r = c.alloc();
+                c.bind(&n, r);
+                r
+            })
+            .collect()
+    };
+    let inputs = named(&mut c, model.inputs.clone());
+    let params = named(&mut c, model.params.clone());
+    let state = named(&mut c, model.state.iter().map(|s| s.name.clone()).collect());
+    let out_grads = named(&mut c, emit.iter().map(|o| sparkc_ir::adjoint::output_grad_name(o)).collect());
+    let carry = named(&mut c, model.state.iter().map(|s| sparkc_ir::adjoint::state_grad_name(&s.name)).collect());
+    for (name, e) in &step.bindings {
+        let r = c.expr(e).map_err(|e| format!("adjoint of `{}`: {e}", model.name))?;
+        c.bind(name, r);
+    }
+    let reg = |c: &Compiler, names: &[String]| names.iter().map(|n| c.reg_of(n).expect("gradient bindings exist")).collect::<Vec<_>>();
+    let input_grads = reg(&c, &step.input_grads);
+    let param_grads = reg(&c, &step.param_grads);
+    let state_grads = reg(&c, &step.state_grads);
+    Ok(CompiledScanAdjoint { forward, prog: c.finish(), inputs, params, state, out_grads, carry, input_grads, param_grads, state_grads, scope })
+}
+
+impl CompiledScanAdjoint {
+    /// `out_grads` are the upstream gradients of the emitted outputs [B,S,C]; `final_grads` of
+    /// the final states [B,C].
+    pub fn run(
+        &self,
+        inputs: &[&[f32]],
+        params: &[&[f32]],
+        init: &[&[f32]],
+        out_grads: &[&[f32]],
+        final_grads: &[&[f32]],
+        dims: ScanDims,
+    ) -> ScanGrads {
+        let ScanDims { b, s, k, c } = dims;
+        let lanes_per_row = c.div_ceil(LANES);
+        let (ni, np, ns) = (self.inputs.len(), self.params.len(), self.state.len());
+        let fwd = &self.forward;
+        struct Task {
+            inputs: Vec<f32>,
+            params: Vec<f64>,
+            init: Vec<f32>,
+        }
+        let tasks: Vec<Task> = (0..b * lanes_per_row)
+            .into_par_iter()
+            .map(|task| {
+                let (bi, lane) = (task / lanes_per_row, task % lanes_per_row);
+                let c0 = lane * LANES;
+                let len = LANES.min(c - c0);
+                // 1. Forward recompute, keeping the state before every step.
+                let mut regs = Registers::new(&fwd.prog);
+                for (p, &r) in params.iter().zip(&fwd.params) {
+                    regs.reg_mut(r)[..len].copy_from_slice(&p[c0..c0 + len]);
+                }
+                for (v, &r) in init.iter().zip(&fwd.state) {
+                    regs.reg_mut(r)[..len].copy_from_slice(&v[bi * c + c0..bi * c + c0 + len]);
+                }
+                let mut before = vec![0f32; s * ns * len];
+                for step in 0..s {
+                    if self.scope == StateScope::Token && step % k == 0 {
+                        for (&r, &v0) in fwd.state.iter().zip(&fwd.state_init) {
+                            regs.reg_mut(r)[..len].fill(v0);
+                        }
+                    }
+                    for (j, &r) in fwd.state.iter().enumerate() {
+                        before[(step * ns + j) * len..(step * ns + j + 1) * len].copy_from_slice(&regs.reg(r)[..len]);
+                    }
+                    let base = (bi * s + step) * c + c0;
+                    for (x, &r) in inputs.iter().zip(&fwd.inputs) {
+                        regs.reg_mut(r)[..len].copy_from_slice(&x[base..base + len]);
+                    }
+                    fwd.prog.run(&mut regs, len);
+                }
+                // 2. Reverse sweep.
+                let mut regs = Registers::new(&self.prog);
+                for (p, &r) in params.iter().zip(&self.params) {
+                    regs.reg_mut(r)[..len].copy_from_slice(&p[c0..c0 + len]);
+                }
+                for (g, &r) in final_grads.iter().zip(&self.carry) {
+                    regs.reg_mut(r)[..len].copy_from_slice(&g[bi * c + c0..bi * c + c0 + len]);
+                }
+                let mut din = vec![0f32; ni * s * len];
+                let mut dparam = vec![0f64; np * len];
+                for step in (0..s).rev() {
+                    let base = (bi * s + step) * c + c0;
+                    for (x, &r) in inputs.iter().zip(&self.inputs) {
+                        regs.reg_mut(r)[..len].copy_from_slice(&x[base..base + len]);
+                    }
+                    for (g, &r) in out_grads.iter().zip(&self.out_grads) {
+                        regs.reg_mut(r)[..len].copy_from_slice(&g[base..base + len]);
+                    }
+                    for (j, &r) in self.state.iter().enumerate() {
+                        regs.reg_mut(r)[..len].copy_from_slice(&before[(step * ns + j) * len..(step * ns + j + 1) * len]);
+                    }
+                    self.prog.run(&mut regs, len);
+                    for (i, &r) in self.input_grads.iter().enumerate() {
+                        din[(i * s + step) * len..(i * s + step + 1) * len].copy_from_slice(&regs.reg(r)[..len]);
+                    }
+                    for (i, &r) in self.param_grads.iter().enumerate() {
+                        dparam[i * len..(i + 1) * len].iter_mut().zip(regs.reg(r)).for_each(|(a, &g)| *a += g as f64);
+                    }
+                    // The state before a token's first frame is a constant under token scope.
+                    let cut = self.scope == StateScope::Token && step % k == 0;
+                    for (&src, &dst) in self.state_grads.iter().zip(&self.carry) {
+                        if cut {
+                            regs.reg_mut(dst)[..len].fill(0.0);
+                        } else {
+                            regs.copy(dst, src, len);
+                        }
+                    }
+                }
+                let mut dinit = vec![0f32; ns * len];
+                for (j, &r) in self.carry.iter().enumerate() {
+                    dinit[j * len..(j + 1) * len].copy_from_slice(&regs.reg(r)[..len]);
+                }
+                Task { inputs: din, params: dparam, init: dinit }
+            })
+            .collect();
+        let mut g = ScanGrads {
+            inputs: vec![vec![0f32; b * s * c]; ni],
+            params: vec![vec![0f32; c]; np],
+            init: vec![vec![0f32; b * c]; ns],
+        };
+        let mut param_acc = vec![vec![0f64; c]; np];
+        for (task, t) in tasks.into_iter().enumerate() {
+            let (bi, lane) = (task / lanes_per_row, task % lanes_per_row);
+            let c0 = lane * LANES;
+            let len = LANES.min(c - c0);
+            for (i, dst) in g.inputs.iter_mut().enumerate() {
+                for step in 0..s {
+                    let at = (bi * s + step) * c + c0;
+                    dst[at..at + len].copy_from_slice(&t.inputs[(i * s + step) * len..(i * s + step + 1) * len]);
+                }
+            }
+            for (i, acc) in param_acc.iter_mut().enumerate() {
+                acc[c0..c0 + len].iter_mut().zip(&t.params[i * len..(i + 1) * len]).for_each(|(a, b)| *a += b);
+            }
+            for (j, dst) in g.init.iter_mut().enumerate() {
+                dst[bi * c + c0..bi * c + c0 + len].copy_from_slice(&t.init[j * len..(j + 1) * len]);
+            }
+        }
+        g.params = param_acc.into_iter().map(|v| v.into_iter().map(|x| x as f32).collect()).collect();
+        g
+    }
+}
