@@ -3,8 +3,8 @@
 
 mod commands;
 mod model_source;
+mod plot;
 mod report;
-mod tokenizer;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -26,6 +26,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Write a seeded random initialisation (the original scheme) of a model.
     Init(commands::init::Args),
+    /// Train with the original recipe (Adam, 10x neuron lr, warmup + cosine, compensation).
+    Train(commands::train::Args),
     /// Measure throughput: forward tokens/s and GEMM GFLOP/s.
     Bench(commands::bench::Args),
     /// The embedded default: build a tiny model from a seed, inspect it, generate from it.
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::run::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Init(a) => commands::init::run(a),
+        Command::Train(a) => commands::train::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Demo(a) => commands::demo::run(a),
     };

@@ -64,6 +64,46 @@ fn goldens_match_through_sparkc_run() {
     }
 }
 
+/// d total_loss / d parameter through `sparkc run --grads-out` matches the original's gradients.
+#[test]
+fn golden_gradients_match_through_sparkc_run() {
+    for variant in ["leak", "vpost"] {
+        let out = tmp(&format!("gout_{variant}.safetensors"));
+        let grads = tmp(&format!("grads_{variant}.safetensors"));
+        let r = sparkc(&[
+            "run",
+            "--config", &format!("{GOLDEN}/config_{variant}.json"),
+            "--weights", &format!("{GOLDEN}/model.safetensors"),
+            "--inputs", &format!("{GOLDEN}/io_{variant}.safetensors"),
+            "--out", out.to_str().unwrap(),
+            "--grads-out", grads.to_str().unwrap(),
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let ours = read_tensors(&grads).unwrap();
+        let gold = read_tensors(Path::new(&format!("{GOLDEN}/grads_{variant}.safetensors"))).unwrap();
+        assert_eq!(ours.len(), 67);
+        assert_eq!(ours.keys().collect::<Vec<_>>(), gold.keys().collect::<Vec<_>>());
+        for (k, g) in &gold {
+            assert_eq!(ours[k].shape, g.shape, "{k}");
+            let err = rel_l2(&ours[k].to_f32_vec(), &g.to_f32_vec());
+            assert!(err < 1e-4, "{variant}: gradient of {k} off by {err:e} relative L2");
+        }
+        // With compensation every b_β / b_α / b_θ gradient changes and nothing else does.
+        let comp = tmp(&format!("grads_comp_{variant}.safetensors"));
+        let r = sparkc(&[
+            "run", "--config", &format!("{GOLDEN}/config_{variant}.json"), "--weights", &format!("{GOLDEN}/model.safetensors"),
+            "--inputs", &format!("{GOLDEN}/io_{variant}.safetensors"), "--out", out.to_str().unwrap(),
+            "--grads-out", comp.to_str().unwrap(), "--compensate",
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let comp = read_tensors(&comp).unwrap();
+        for (k, g) in &ours {
+            let modulated = k.ends_with("b_beta") || k.ends_with("b_alpha") || k.ends_with("b_th");
+            assert_eq!(comp[k] != *g, modulated, "{k}");
+        }
+    }
+}
+
 #[test]
 fn vpost_override_from_the_command_line_equals_the_vpost_config() {
     let a = tmp("override.safetensors");

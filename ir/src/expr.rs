@@ -433,9 +433,13 @@ pub struct ExprError {
 }
 
 /// Parse the infix text form printed by `Display`.
+///
+/// Nesting is bounded twice: brackets, calls and prefix minuses may nest [`MAX_DEPTH`] deep,
+/// and the resulting tree (which a long flat chain like `a + b + c + ...` also deepens) at most
+/// [`MAX_TREE_DEPTH`], so that the recursive walks over the tree cannot exhaust the stack.
 pub fn parse_expr(src: &str) -> Result<Expr, ExprError> {
     let mut p = ExprParser { s: src.as_bytes(), pos: 0, src, depth: 0 };
-    let e = p.parse_bin(0)?;
+    let (e, _) = p.parse_bin(0)?;
     p.skip_ws();
     if p.pos != p.s.len() {
         return Err(p.err("unexpected trailing text"));
@@ -450,7 +454,14 @@ struct ExprParser<'a> {
     depth: usize,
 }
 
-const MAX_DEPTH: usize = 200;
+/// How deeply brackets, calls and prefix minuses may nest in the text.
+pub const MAX_DEPTH: usize = 200;
+
+/// How deep a parsed expression tree may be.
+pub const MAX_TREE_DEPTH: usize = 1000;
+
+/// A parsed subexpression and the depth of its tree.
+type Parsed = (Expr, usize);
 
 impl ExprParser<'_> {
     fn err(&self, msg: &str) -> ExprError {
@@ -461,6 +472,23 @@ impl ExprParser<'_> {
         while self.pos < self.s.len() && self.s[self.pos].is_ascii_whitespace() {
             self.pos += 1;
         }
+    }
+
+    fn enter(&mut self) -> Result<(), ExprError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(self.err("expression nested too deeply"));
+        }
+        Ok(())
+    }
+
+    /// A node over children of depth `child_depth`, checked against [`MAX_TREE_DEPTH`].
+    fn node(&self, e: Expr, child_depth: usize) -> Result<Parsed, ExprError> {
+        let d = child_depth + 1;
+        if d > MAX_TREE_DEPTH {
+            return Err(self.err("expression tree too deep"));
+        }
+        Ok((e, d))
     }
 
     fn peek_op(&mut self) -> Option<(BinOp, usize, u8)> {
@@ -477,25 +505,22 @@ impl ExprParser<'_> {
         table.iter().find(|(t, _, _)| rest.starts_with(t)).map(|(t, op, p)| (*op, t.len(), *p))
     }
 
-    fn parse_bin(&mut self, min_prec: u8) -> Result<Expr, ExprError> {
-        self.depth += 1;
-        if self.depth > MAX_DEPTH {
-            return Err(self.err("expression nested too deeply"));
-        }
-        let mut lhs = self.parse_prefix()?;
+    fn parse_bin(&mut self, min_prec: u8) -> Result<Parsed, ExprError> {
+        self.enter()?;
+        let (mut lhs, mut lhs_depth) = self.parse_prefix()?;
         while let Some((op, len, prec)) = self.peek_op() {
             if prec < min_prec || prec == 0 {
                 break;
             }
             self.pos += len;
-            let rhs = self.parse_bin(prec + 1)?;
-            lhs = Expr::bin(op, lhs, rhs);
+            let (rhs, rhs_depth) = self.parse_bin(prec + 1)?;
+            (lhs, lhs_depth) = self.node(Expr::bin(op, lhs, rhs), lhs_depth.max(rhs_depth))?;
         }
         self.depth -= 1;
-        Ok(lhs)
+        Ok((lhs, lhs_depth))
     }
 
-    fn parse_prefix(&mut self) -> Result<Expr, ExprError> {
+    fn parse_prefix(&mut self) -> Result<Parsed, ExprError> {
         self.skip_ws();
         let Some(&c) = self.s.get(self.pos) else {
             return Err(self.err("expected an expression"));
@@ -504,24 +529,23 @@ impl ExprParser<'_> {
             self.pos += 1;
             if self.s.get(self.pos).is_some_and(|b| b.is_ascii_digit() || *b == b'.') {
                 let v = self.number()?;
-                return Ok(Expr::c(-v));
+                return Ok((Expr::c(-v), 1));
             }
-            if self.s[self.pos..].starts_with(b"inf") {
+            // `-inf` is a literal, but `-info` negates the variable `info`.
+            let rest = &self.s[self.pos..];
+            if rest.starts_with(b"inf") && !rest.get(3).is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_') {
                 self.pos += 3;
-                return Ok(Expr::c(f64::NEG_INFINITY));
+                return Ok((Expr::c(f64::NEG_INFINITY), 1));
             }
-            self.depth += 1;
-            if self.depth > MAX_DEPTH {
-                return Err(self.err("expression nested too deeply"));
-            }
-            let inner = self.parse_prefix_or_group()?;
+            self.enter()?;
+            let (inner, d) = self.parse_prefix_or_group()?;
             self.depth -= 1;
-            return Ok(Expr::un(UnOp::Neg, inner));
+            return self.node(Expr::un(UnOp::Neg, inner), d);
         }
         self.parse_prefix_or_group()
     }
 
-    fn parse_prefix_or_group(&mut self) -> Result<Expr, ExprError> {
+    fn parse_prefix_or_group(&mut self) -> Result<Parsed, ExprError> {
         self.skip_ws();
         let Some(&c) = self.s.get(self.pos) else {
             return Err(self.err("expected an expression"));
@@ -536,18 +560,18 @@ impl ExprParser<'_> {
             return Ok(e);
         }
         if c.is_ascii_digit() || c == b'.' {
-            return Ok(Expr::c(self.number()?));
+            return Ok((Expr::c(self.number()?), 1));
         }
         if c.is_ascii_alphabetic() || c == b'_' {
             let name = self.ident();
             self.skip_ws();
             if self.s.get(self.pos) == Some(&b'(') {
                 self.pos += 1;
-                let a = self.parse_bin(0)?;
+                let (a, da) = self.parse_bin(0)?;
                 self.skip_ws();
                 if let Some(op) = UnOp::from_name(&name) {
                     self.expect(b')')?;
-                    return Ok(Expr::un(op, a));
+                    return self.node(Expr::un(op, a), da);
                 }
                 let op = match name.as_str() {
                     "min" => BinOp::Min,
@@ -555,15 +579,18 @@ impl ExprParser<'_> {
                     _ => return Err(self.err(&format!("unknown function `{name}`"))),
                 };
                 self.expect(b',')?;
-                let b = self.parse_bin(0)?;
+                let (b, db) = self.parse_bin(0)?;
                 self.expect(b')')?;
-                return Ok(Expr::bin(op, a, b));
+                return self.node(Expr::bin(op, a, b), da.max(db));
             }
-            return Ok(match name.as_str() {
-                "inf" => Expr::c(f64::INFINITY),
-                "nan" => Expr::c(f64::NAN),
-                _ => Expr::Var(name),
-            });
+            return Ok((
+                match name.as_str() {
+                    "inf" => Expr::c(f64::INFINITY),
+                    "nan" => Expr::c(f64::NAN),
+                    _ => Expr::Var(name),
+                },
+                1,
+            ));
         }
         Err(self.err(&format!("unexpected character `{}`", c as char)))
     }

@@ -360,26 +360,28 @@ impl Ctx<'_> {
     }
 }
 
-/// NumPy-style broadcast of trailing dims; `None` when they do not agree.
+/// NumPy-style broadcast of trailing dims; `None` when they do not agree. Dims are compared
+/// with `dims` applied but kept as written (`K` stays `K`, like every other op's result).
 pub fn broadcast_shapes(shapes: &[&Shape], dims: &DimBindings) -> Option<Shape> {
     let rank = shapes.iter().map(|s| s.rank()).max().unwrap_or(0);
     let mut out = Vec::with_capacity(rank);
     for i in 0..rank {
-        let mut d: Option<Dim> = None;
+        // (resolved, as written)
+        let mut d: Option<(Dim, Dim)> = None;
         for s in shapes {
             let off = rank - s.rank();
             if i < off {
                 continue;
             }
-            let x = resolve_dim(&s.0[i - off], dims);
+            let written = &s.0[i - off];
+            let x = resolve_dim(written, dims);
             d = match d {
-                None => Some(x),
-                Some(Dim::Const(1)) => Some(x),
-                Some(cur) if x == Dim::Const(1) || cur == x => Some(cur),
+                None | Some((Dim::Const(1), _)) => Some((x, written.clone())),
+                Some(cur) if x == Dim::Const(1) || cur.0 == x => Some(cur),
                 Some(_) => return None,
             };
         }
-        out.push(d.unwrap_or(Dim::Const(1)));
+        out.push(d.map_or(Dim::Const(1), |(_, written)| written));
     }
     Some(Shape(out))
 }

@@ -37,6 +37,8 @@ fn quote(s: &str) -> String {
 fn fmt_attr(a: &Attr) -> String {
     match a {
         Attr::Int(i) => i.to_string(),
+        // `{:?}` prints NaN as `NaN`, which would read back as a name.
+        Attr::Float(f) if f.is_nan() => "nan".to_string(),
         Attr::Float(f) => {
             let s = format!("{f:?}");
             // Keep floats recognisable as floats.
@@ -122,6 +124,9 @@ struct Cursor<'a> {
     pos: usize,
     line: usize,
 }
+
+/// How deeply attribute lists may nest (`[[...]]`); the parser recurses on them.
+const MAX_ATTR_DEPTH: usize = 16;
 
 impl<'a> Cursor<'a> {
     fn err<T>(&self, msg: impl Into<String>) -> Result<T, IrError> {
@@ -213,14 +218,21 @@ impl<'a> Cursor<'a> {
     }
 
     fn attr(&mut self) -> Result<Attr, IrError> {
+        self.attr_at(0)
+    }
+
+    fn attr_at(&mut self, depth: usize) -> Result<Attr, IrError> {
+        if depth > MAX_ATTR_DEPTH {
+            return self.err("attribute lists nested too deeply");
+        }
         self.ws();
         let r = self.rest();
         if r.starts_with('"') {
             return Ok(Attr::Str(self.string()?));
         }
-        if r.starts_with('`') {
-            let end = r[1..].find('`').ok_or(()).or_else(|_| self.err("unterminated expression"))?;
-            let e = parse_expr(&r[1..1 + end]).map_err(|e| IrError::Parse { line: self.line, msg: e.to_string() })?;
+        if let Some(body) = r.strip_prefix('`') {
+            let end = body.find('`').ok_or(()).or_else(|_| self.err("unterminated expression"))?;
+            let e = parse_expr(&body[..end]).map_err(|e| IrError::Parse { line: self.line, msg: e.to_string() })?;
             self.pos += end + 2;
             return Ok(Attr::Expr(e));
         }
@@ -229,7 +241,7 @@ impl<'a> Cursor<'a> {
             let mut items = Vec::new();
             if !self.eat("]") {
                 loop {
-                    items.push(self.attr()?);
+                    items.push(self.attr_at(depth + 1)?);
                     if self.eat("]") {
                         break;
                     }
@@ -248,12 +260,9 @@ impl<'a> Cursor<'a> {
                 Err(_) => self.err(format!("bad number `{t}`")),
             };
         }
-        let id = self.ident()?;
-        Ok(match id.as_str() {
-            "inf" => Attr::Float(f64::INFINITY),
-            "nan" => Attr::Float(f64::NAN),
-            _ => Attr::Ident(id),
-        })
+        // `inf` and `nan` stay names here (a neuron output may be called `nan`); numeric
+        // attributes accept them as floats (`Op::from_parts`).
+        Ok(Attr::Ident(self.ident()?))
     }
 
     fn value_type(&mut self) -> Result<ValueType, IrError> {
@@ -310,10 +319,16 @@ pub fn parse(src: &str) -> Result<Graph, IrError> {
             c.expect("=")?;
             let t = c.number_text();
             let size: u64 = t.parse().or_else(|_| c.err(format!("bad size `{t}`")))?;
+            if !c.at_end() {
+                return c.err(format!("unexpected text after `dim {sym} = {size}`"));
+            }
             graph.bind_dim(&sym, size);
         } else if c.eat("neuron ") {
             let model_name = c.ident()?;
             c.expect("{")?;
+            if !c.at_end() {
+                return c.err(format!("unexpected text after `neuron {model_name} {{`"));
+            }
             let mut body = Vec::new();
             loop {
                 let (bno, bline) = lines.next().ok_or(IrError::Parse { line: no, msg: format!("neuron `{model_name}` is not closed") })?;

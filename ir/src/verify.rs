@@ -4,6 +4,7 @@
 
 use crate::error::IrError;
 use crate::graph::Graph;
+use crate::neuron::NeuronModel;
 use crate::op::{infer_types, Op};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
@@ -18,10 +19,37 @@ fn describe(graph: &Graph, n: petgraph::stable_graph::NodeIndex) -> String {
     }
 }
 
+/// Names that the text form prints bare must read back as the same names: identifiers that do
+/// not start with a digit, and, where an expression reads them, not the literals `inf` / `nan`.
+fn check_model_names(model: &NeuronModel) -> Result<(), IrError> {
+    let ident = |n: &str, dots: bool| {
+        !n.is_empty()
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || (dots && c == '.'))
+    };
+    let fail = |msg: String| Err(IrError::Verify(format!("neuron model `{}`: {msg}", model.name)));
+    if !ident(&model.name, true) {
+        return fail("the model name is not an identifier".into());
+    }
+    let read = model.params.iter().chain(&model.inputs).chain(model.state.iter().map(|s| &s.name)).chain(model.lets.iter().map(|b| &b.name));
+    for n in read {
+        if !ident(n, false) || n == "inf" || n == "nan" {
+            return fail(format!("`{n}` cannot be a variable name (the text form would read it as a number)"));
+        }
+    }
+    for b in &model.outputs {
+        if !ident(&b.name, false) {
+            return fail(format!("output `{}` is not an identifier", b.name));
+        }
+    }
+    Ok(())
+}
+
 pub fn verify(graph: &Graph) -> Result<(), IrError> {
     let fail = |msg: String| Err(IrError::Verify(msg));
     for model in graph.neurons.values() {
         model.validate()?;
+        check_model_names(model)?;
     }
     let order = graph.topo_order().map_err(|e| IrError::Verify(e.to_string()))?;
     let mut input_names = BTreeSet::new();

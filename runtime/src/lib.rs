@@ -7,6 +7,7 @@
 pub mod generate;
 pub mod sampling;
 pub mod session;
+pub mod train;
 
 pub use generate::{generate, GenerateOptions};
 pub use sampling::Sampler;

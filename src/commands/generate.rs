@@ -1,7 +1,7 @@
 //! `sparkc generate`: prefill the prompt, then sample token by token with the state carried.
 
 use crate::model_source::{load_config, load_weights};
-use crate::tokenizer;
+use sparkc_frontend::tokenizer;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use sparkc_backend_cpu::CpuProgram;

@@ -6,3 +6,4 @@ pub mod generate;
 pub mod init;
 pub mod inspect;
 pub mod run;
+pub mod train;

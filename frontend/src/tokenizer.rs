@@ -1,7 +1,6 @@
 //! Tokenizer glue: HF tokenizer.json files through the `tokenizers` crate, and a built-in
 //! byte-level tokenizer (id = byte value) for models with a 256-token vocabulary.
 
-use anyhow::{anyhow, Context, Result};
 use std::path::Path;
 use tokenizers::Tokenizer;
 
@@ -40,25 +39,32 @@ pub fn byte_level() -> Tokenizer {
 }
 
 /// `--tokenizer` takes a tokenizer.json path or `bytes` for the built-in byte-level tokenizer.
-pub fn load(spec: &str) -> Result<Tokenizer> {
+#[derive(Debug, thiserror::Error)]
+#[error("tokenizer: {0}")]
+pub struct TokenizerError(pub String);
+
+pub fn load(spec: &str) -> Result<Tokenizer, TokenizerError> {
     if spec == "bytes" {
         return Ok(byte_level());
     }
     let p = Path::new(spec);
     if !p.exists() {
-        return Err(anyhow!("tokenizer `{spec}` does not exist (give a tokenizer.json or `bytes`)"));
+        return Err(TokenizerError(format!("`{spec}` does not exist (give a tokenizer.json or `bytes`)")));
     }
-    Tokenizer::from_file(p).map_err(|e| anyhow!("cannot load tokenizer {spec}: {e}"))
+    Tokenizer::from_file(p).map_err(|e| TokenizerError(format!("cannot load {spec}: {e}")))
 }
 
-pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<i64>> {
-    let enc = tok.encode(text, false).map_err(|e| anyhow!("cannot tokenize the prompt: {e}"))?;
+pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<i64>, TokenizerError> {
+    let enc = tok.encode(text, false).map_err(|e| TokenizerError(format!("cannot tokenize: {e}")))?;
     Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
 }
 
-pub fn decode(tok: &Tokenizer, ids: &[i64]) -> Result<String> {
-    let ids: Vec<u32> = ids.iter().map(|&i| u32::try_from(i)).collect::<Result<_, _>>().context("negative token id")?;
-    tok.decode(&ids, false).map_err(|e| anyhow!("cannot decode tokens: {e}"))
+pub fn decode(tok: &Tokenizer, ids: &[i64]) -> Result<String, TokenizerError> {
+    let ids: Vec<u32> = ids
+        .iter()
+        .map(|&i| u32::try_from(i).map_err(|_| TokenizerError(format!("token id {i} is negative"))))
+        .collect::<Result<_, _>>()?;
+    tok.decode(&ids, false).map_err(|e| TokenizerError(format!("cannot decode: {e}")))
 }
 
 #[cfg(test)]
