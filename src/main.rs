@@ -1,6 +1,7 @@
 //! `sparkc`: the command-line front of the toolchain. Parsing, progress and reports live here;
 //! everything a library user would also want lives in the crates.
 
+mod backend;
 mod commands;
 mod model_source;
 mod plot;
@@ -28,6 +29,10 @@ enum Command {
     Init(commands::init::Args),
     /// Train with the original recipe (Adam, 10x neuron lr, warmup + cosine, compensation).
     Train(commands::train::Args),
+    /// Import a NIR file into IR text (+ <stem>.safetensors of the parameters).
+    Import(commands::nir::ImportArgs),
+    /// Export to NIR: a NeuronSpark config + weights, or an IR text file + parameters.
+    Export(commands::nir::ExportArgs),
     /// Measure throughput: forward tokens/s and GEMM GFLOP/s.
     Bench(commands::bench::Args),
     /// The embedded default: build a tiny model from a seed, inspect it, generate from it.
@@ -42,6 +47,8 @@ fn main() -> ExitCode {
         Command::Generate(a) => commands::generate::run(a),
         Command::Init(a) => commands::init::run(a),
         Command::Train(a) => commands::train::run(a),
+        Command::Import(a) => commands::nir::import(a),
+        Command::Export(a) => commands::nir::export(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Demo(a) => commands::demo::run(a),
     };

@@ -8,7 +8,7 @@
 use proptest::prelude::*;
 use sparkc_backend_cpu::CpuProgram;
 use sparkc_frontend::nir::{
-    self, export_graph, import_graph, Array, ArrayData, Convention, Diagnostic, Discretisation, ExportOptions, ImportOptions, Imported, MetaValue,
+    self, export_graph, import_graph, Array, ArrayData, Convention, Discretisation, ExportOptions, ImportOptions, Imported, MetaValue,
     Mode, NirError, NirFile, NirGraph, NirNode, NodeKind, Padding, ReadOptions, Scheme, Severity,
 };
 use sparkc_ir::Tensor;
@@ -334,6 +334,7 @@ fn writing_is_deterministic_and_compression_shrinks() {
 
 /// NIR's neuron dynamics, written out per type in f64 (independent of the IR models).
 #[derive(Clone)]
+#[allow(clippy::upper_case_acronyms)]
 enum RefNeuron {
     I { r: Vec<f64> },
     IF { r: Vec<f64>, th: Vec<f64>, reset: Vec<f64> },
@@ -569,5 +570,512 @@ fn scale_threshold_fan_in_and_nested_graphs_import() {
             let z = (l[k] + xa[t][k] as f64 > [0.1, 0.0, -0.1][k]) as u8 as f32;
             assert_eq!(spikes[t][k], z, "threshold {t} {k}");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// export
+
+#[test]
+fn nir_to_ir_to_nir_round_trip_is_exact() {
+    let c = 4;
+    for (label, n) in neurons(c) {
+        let (f, _, _) = neuron_net(n.kind(), c);
+        for scheme in [Scheme::Euler, Scheme::Exact] {
+            let disc = Discretisation::new(Convention::Nir, Some(1e-4), Some(scheme)).unwrap();
+            let imp = import_file(&f, disc).unwrap();
+            let ex = export_graph(&imp.graph, &imp.params, &ExportOptions { dt: 1e-4, scheme, partial: false }).unwrap_or_else(|e| panic!("{label}: {e}"));
+            assert!(ex.diagnostics.is_empty(), "{label}: {:?}", ex.diagnostics);
+            let g = &ex.file.graph;
+            assert_eq!(g.edges.len(), 3, "{label}");
+            assert_eq!(g.nodes["fc"].kind, f.graph.nodes["fc"].kind, "{label}");
+            assert_eq!(g.nodes["neuron"].kind, f.graph.nodes["neuron"].kind, "{label} {scheme:?}");
+            assert_eq!(g.nodes["neuron"].metadata.get("discretisation"), Some(&MetaValue::Str(scheme.name().into())));
+            assert!(nir::read_bytes(&nir::write_bytes(&ex.file, true).unwrap(), "rt", strict()).is_ok());
+        }
+    }
+}
+
+/// The built-in IR `plif`: β = sigmoid(w), v ← β v + (1 − β) x, fire >=, subtract reset.
+fn plif_graph(c: usize, emit: &str) -> (sparkc_ir::Graph, BTreeMap<String, Tensor>) {
+    use sparkc_ir::{Dim, Op, Shape, StateScope, ValueType};
+    let mut g = sparkc_ir::Graph::new("plif_net");
+    g.add_neuron(sparkc_ir::neuron::plif()).unwrap();
+    let x = g.input("x", ValueType::f32([Dim::sym("B"), Dim::sym("T"), Dim::Const(1), Dim::from(3usize)]));
+    let w = g.param("fc.weight", ValueType::f32([c, 3])).unwrap();
+    let h = g.add1(Op::Linear { bias: false }, &[x, w], "fc").unwrap();
+    let pw = g.param("n.w", ValueType::f32([c])).unwrap();
+    let th = g.param("n.v_th", ValueType::f32([c])).unwrap();
+    let s0 = g.input("state.n.v", ValueType::new(sparkc_ir::DType::F32, Shape(vec![Dim::sym("B"), Dim::from(c)])));
+    let r = g.add(Op::Scan { neuron: "plif".into(), emit: vec![emit.into()], scope: StateScope::Sequence }, &[h, pw, th, s0], "n").unwrap();
+    g.set_output("y", r[0]);
+    g.set_output("state.n.v", r[1]);
+    let mut p = BTreeMap::new();
+    p.insert("fc.weight".to_string(), Tensor::f32(vec![c, 3], mat(c, 3, 9).to_f32_vec()));
+    p.insert("n.w".to_string(), Tensor::f32(vec![c], (0..c).map(|k| -1.0 + 0.5 * k as f32).collect()));
+    p.insert("n.v_th".to_string(), Tensor::f32(vec![c], vec![0.5; c]));
+    (g, p)
+}
+
+#[test]
+fn plif_exports_as_lif_with_documented_tau_and_r() {
+    let c = 4;
+    let (g, p) = plif_graph(c, "spike");
+    for scheme in [Scheme::Exact, Scheme::Euler] {
+        let dt = 1e-3;
+        let ex = export_graph(&g, &p, &ExportOptions { dt, scheme, partial: false }).unwrap();
+        let NodeKind::LIF { tau, r, v_leak, v_threshold, v_reset } = &ex.file.graph.nodes["n"].kind else { panic!("a LIF") };
+        for k in 0..c {
+            let beta = 1.0 / (1.0 + (1.0 - 0.5 * k as f64).exp());
+            let want_tau = match scheme {
+                Scheme::Exact => -dt / beta.ln(),
+                Scheme::Euler => dt / (1.0 - beta),
+            };
+            assert!((tau.to_f64_vec()[k] / want_tau - 1.0).abs() < 1e-5, "τ {scheme:?} {k}");
+            assert!((r.to_f64_vec()[k] - 1.0).abs() < 1e-5, "R = 1 for the (1 − β)-scaled PLIF input");
+            assert_eq!((v_leak.to_f64_vec()[k], v_threshold.to_f64_vec()[k], v_reset.to_f64_vec()[k]), (0.0, 0.5, 0.0));
+        }
+        let meta = &ex.file.graph.nodes["n"].metadata;
+        assert_eq!(meta.get("reset"), Some(&MetaValue::Str("subtract".into())));
+        assert_eq!(meta.get("fire"), Some(&MetaValue::Str(">=".into())));
+        assert_eq!(meta.get("dt"), Some(&MetaValue::Array(Array::scalar_f64(dt))));
+        assert!(ex.diagnostics.iter().all(|d| d.severity == Severity::Approximation && d.node == "n"), "{:?}", ex.diagnostics);
+        assert!(ex.diagnostics.iter().any(|d| d.message.contains("subtract")));
+        assert_eq!(ex.file.graph.nodes["fc"].kind, NodeKind::Linear { weight: mat(c, 3, 9) });
+    }
+}
+
+#[test]
+fn neuronspark_export_names_every_inexpressible_node_and_partial_export_loads() {
+    let cfg = sparkc_frontend::NeuronSparkConfig::tiny();
+    let g = sparkc_frontend::neuronspark::build_graph(&cfg, &Default::default()).unwrap();
+    let params = sparkc_frontend::init::init_params(&cfg, 0);
+    let err = export_graph(&g, &params, &ExportOptions::default()).unwrap_err();
+    let NirError::Export(diags) = &err else { panic!("{err}") };
+    let find = |node: &str| diags.iter().find(|d| d.node == node).unwrap_or_else(|| panic!("no diagnostic for {node}: {err}"));
+    assert!(find("embed").message.contains("token ids"));
+    assert!(find("layers.0.block_norm.weight").message.contains("RMS"));
+    assert!(find("layers.0.snn_block.hidden_neuron").message.contains("β(t)"));
+    assert!(find("layers.0.snn_block.output").message.contains("element-wise"));
+    assert!(find("layers.0.block_halt.ponder").message.contains("PonderNet"));
+    let approx = find("layers.0.input_neuron1");
+    assert_eq!(approx.severity, Severity::Approximation);
+    let ex = export_graph(&g, &params, &ExportOptions { partial: true, ..ExportOptions::default() }).unwrap();
+    let lifs = ex.file.graph.nodes.values().filter(|n| matches!(n.kind, NodeKind::LIF { .. })).count();
+    assert_eq!(lifs, cfg.num_layers * 4 + 1, "every fixed-parameter PLIF becomes a LIF");
+    let bytes = nir::write_bytes(&ex.file, true).unwrap();
+    nir::read_bytes(&bytes, "partial", strict()).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// bad input
+
+fn lif_file() -> NirFile {
+    neuron_net(neurons(2)[4].1.kind(), 2).0
+}
+
+fn node_err(e: NirError) -> (String, String) {
+    match e {
+        NirError::Node { node, msg, .. } => (node, msg),
+        other => panic!("expected a node error, got {other}"),
+    }
+}
+
+/// Edit the HDF5 tree of a valid file, write it, read it.
+fn read_edited(edit: impl FnOnce(&mut nir::h5::H5Group), opts: ReadOptions) -> Result<nir::ReadResult, NirError> {
+    let mut tree = nir::schema::to_tree(&lif_file()).unwrap();
+    edit(&mut tree);
+    let bytes = nir::h5write::write_tree(&tree, false).unwrap();
+    nir::read_bytes(&bytes, "edited", opts)
+}
+
+fn node_group<'a>(tree: &'a mut nir::h5::H5Group, name: &str) -> &'a mut nir::h5::H5Group {
+    let nir::h5::H5Entry::Group(root) = tree.get_mut("node").unwrap() else { panic!() };
+    let nir::h5::H5Entry::Group(nodes) = root.get_mut("nodes").unwrap() else { panic!() };
+    let nir::h5::H5Entry::Group(n) = nodes.get_mut(name).unwrap() else { panic!() };
+    n
+}
+
+#[test]
+fn corrupt_and_non_nir_files_are_clear_errors() {
+    for bytes in [&b""[..], b"not an hdf5 file at all", &[0u8; 4096][..]] {
+        let e = nir::read_bytes(bytes, "junk.nir", strict()).unwrap_err().to_string();
+        assert!(e.contains("junk.nir") && e.contains("HDF5"), "{e}");
+    }
+    let good = nir::write_bytes(&lif_file(), false).unwrap();
+    let e = nir::read_bytes(&good[..good.len() / 2], "half.nir", strict()).unwrap_err().to_string();
+    assert!(e.contains("half.nir"), "{e}");
+    let e = nir::read_file(Path::new("/nonexistent/x.nir"), strict()).unwrap_err().to_string();
+    assert!(e.contains("/nonexistent/x.nir"), "{e}");
+    // An HDF5 file that is not a NIR model.
+    let mut tree = nir::h5::H5Group::new();
+    tree.insert("data".into(), nir::h5::H5Entry::Dataset(nir::h5::H5Value::Array(f32a(&[1.0]))));
+    let bytes = nir::h5write::write_tree(&tree, false).unwrap();
+    let e = nir::read_bytes(&bytes, "other.h5", strict()).unwrap_err().to_string();
+    assert!(e.contains("no `node` group"), "{e}");
+}
+
+#[test]
+fn unknown_types_and_fields_name_the_node() {
+    use nir::h5::{H5Entry, H5Value};
+    let set_type = |t: &mut nir::h5::H5Group| {
+        node_group(t, "neuron").insert("type".into(), H5Entry::Dataset(H5Value::Str("Izhikevich".into())));
+    };
+    let (node, msg) = node_err(read_edited(set_type, strict()).unwrap_err());
+    assert_eq!(node, "neuron");
+    assert!(msg.contains("unknown node type `Izhikevich`"), "{msg}");
+    // Lenient reads it and the import names it.
+    let r = read_edited(set_type, lenient()).unwrap();
+    let e = import_graph(&r.file, &r.types, &ImportOptions { mode: Mode::Lenient, ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("`neuron`") && e.contains("Izhikevich"), "{e}");
+
+    let add_field = |t: &mut nir::h5::H5Group| {
+        node_group(t, "neuron").insert("foo".into(), H5Entry::Dataset(H5Value::Array(f32a(&[1.0, 2.0]))));
+    };
+    let (node, msg) = node_err(read_edited(add_field, strict()).unwrap_err());
+    assert_eq!(node, "neuron");
+    assert!(msg.contains("no field `foo`"), "{msg}");
+    let r = read_edited(add_field, lenient()).unwrap();
+    assert!(r.warnings.iter().any(|w| w.contains("`foo`")), "{:?}", r.warnings);
+
+    let (node, msg) = node_err(read_edited(|t| drop(node_group(t, "neuron").remove("tau")), lenient()).unwrap_err());
+    assert_eq!((node.as_str(), msg.contains("missing required field `tau`")), ("neuron", true), "{msg}");
+    let (_, msg) = node_err(
+        read_edited(|t| drop(node_group(t, "neuron").insert("tau".into(), H5Entry::Dataset(H5Value::Str("fast".into())))), strict()).unwrap_err(),
+    );
+    assert!(msg.contains("`tau` must be a numeric array"), "{msg}");
+    let (_, msg) = node_err(read_edited(|t| drop(node_group(t, "neuron").insert("tau".into(), H5Entry::Dataset(H5Value::Array(f32a(&[1.0; 3]))))), strict()).unwrap_err());
+    assert!(msg.contains("one shape"), "{msg}");
+}
+
+#[test]
+fn shape_mismatches_and_bad_edges_name_the_nodes() {
+    let mut f = lif_file();
+    f.graph.nodes.insert("neuron".into(), node(neurons(3)[4].1.kind()));
+    let bytes = nir::write_bytes(&f, false).unwrap();
+    let (node, msg) = node_err(nir::read_bytes(&bytes, "m", strict()).unwrap_err());
+    assert_eq!(node, "neuron");
+    assert!(msg.contains("`fc` outputs [2] but `neuron` takes [3]"), "{msg}");
+    // Leniently read, the import refuses: the element counts differ.
+    let r = nir::read_bytes(&bytes, "m", lenient()).unwrap();
+    let e = import_graph(&r.file, &r.types, &ImportOptions { mode: Mode::Lenient, ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("`neuron`") && e.contains("from `fc` carries 2 elements"), "{e}");
+
+    let mut f = lif_file();
+    f.graph.edges.push(("fc".into(), "nowhere".into()));
+    let e = nir::write_bytes(&f, false).unwrap_err().to_string();
+    assert!(e.contains("`nowhere`"), "{e}");
+    let mut f = lif_file();
+    f.graph.edges.push(("fc".into(), "neuron".into()));
+    assert!(nir::write_bytes(&f, false).unwrap_err().to_string().contains("duplicate edge (`fc`, `neuron`)"));
+}
+
+#[test]
+fn cycles_without_state_are_errors_naming_the_nodes() {
+    let g = graph(
+        vec![
+            ("input", NodeKind::Input { shape: vec![2] }),
+            ("a", NodeKind::Linear { weight: mat(2, 2, 1) }),
+            ("b", NodeKind::Scale { scale: f32a(&[0.5, 0.5]) }),
+            ("output", NodeKind::Output { shape: vec![2] }),
+        ],
+        &[("input", "a"), ("a", "b"), ("b", "a"), ("b", "output")],
+    );
+    let e = import_file(&file(g), Discretisation::default()).unwrap_err().to_string();
+    assert!(e.contains("cycle without state") && e.contains("`a`") && e.contains("`b`"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// against the reference `nir` package and a framework (Spyx), through Python
+
+/// What the venv provides.
+struct PyEnv {
+    python: PathBuf,
+    spyx: bool,
+}
+
+const NIR_REQ: &str = "nir==1.0.8";
+const SPYX_REQ: &str = "spyx==1.0.0";
+
+fn sh(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{cmd:?} failed: {}", text.chars().rev().take(2000).collect::<String>().chars().rev().collect::<String>()))
+    }
+}
+
+/// The venv under target/nir-venv with nir (and Spyx where it installs), made once and reused.
+fn py_env() -> Result<&'static PyEnv, &'static str> {
+    static ENV: OnceLock<Result<PyEnv, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/nir-venv");
+        let python = venv.join("bin/python");
+        let marker = venv.join("sparkc-nir-ready");
+        let want = format!("{NIR_REQ} {SPYX_REQ}");
+        let ready = std::fs::read_to_string(&marker).ok();
+        if ready.as_deref().map(|r| r.lines().next() == Some(want.as_str())).unwrap_or(false) {
+            let spyx = ready.as_deref().is_some_and(|r| r.contains("spyx: yes"));
+            return Ok(PyEnv { python, spyx });
+        }
+        sh(Command::new("python3").arg("--version")).map_err(|e| format!("python3 is not available ({e})"))?;
+        let _ = std::fs::remove_dir_all(&venv);
+        sh(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        let pip = |pkgs: &[&str]| {
+            sh(Command::new(&python).args(["-m", "pip", "install", "--disable-pip-version-check", "-q", "--timeout", "60"]).args(pkgs))
+        };
+        pip(&[NIR_REQ]).map_err(|e| format!("cannot install {NIR_REQ} from PyPI (no network?): {e}"))?;
+        let spyx = match pip(&[SPYX_REQ]) {
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!("note: {SPYX_REQ} did not install, the framework test will be skipped: {e}");
+                false
+            }
+        };
+        let _ = std::fs::write(&marker, format!("{want}\nspyx: {}\n", if spyx { "yes" } else { "no" }));
+        Ok(PyEnv { python, spyx })
+    })
+    .as_ref()
+    .map_err(|e| e.as_str())
+}
+
+fn py_script(env: &PyEnv, script: &str, dir: &Path) -> String {
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nir_py");
+    sh(Command::new(&env.python).arg(scripts.join(script)).arg(dir).current_dir(&scripts)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// sparkc's description of a graph, in the form `tests/nir_py/common.py` writes.
+fn describe(g: &NirGraph) -> serde_json::Value {
+    use serde_json::json;
+    let arr = |a: &Array| json!({"shape": a.shape, "dtype": a.dtype_name(), "data": a.to_f64_vec()});
+    let mut nodes = serde_json::Map::new();
+    for (name, n) in &g.nodes {
+        let v = match &n.kind {
+            NodeKind::Graph(sub) => json!({"type": "NIRGraph", "graph": describe(sub)}),
+            k => {
+                let mut params = serde_json::Map::new();
+                let fields: Vec<(&str, &Array)> = match k {
+                    NodeKind::Affine { weight, bias } => vec![("weight", weight), ("bias", bias)],
+                    NodeKind::Linear { weight } => vec![("weight", weight)],
+                    NodeKind::Scale { scale } => vec![("scale", scale)],
+                    NodeKind::Threshold { threshold } => vec![("threshold", threshold)],
+                    NodeKind::Delay { delay } => vec![("delay", delay)],
+                    NodeKind::I { r } => vec![("r", r)],
+                    NodeKind::IF { r, v_threshold, v_reset } => vec![("r", r), ("v_threshold", v_threshold), ("v_reset", v_reset)],
+                    NodeKind::LI { tau, r, v_leak } => vec![("tau", tau), ("r", r), ("v_leak", v_leak)],
+                    NodeKind::LIF { tau, r, v_leak, v_threshold, v_reset } => {
+                        vec![("tau", tau), ("r", r), ("v_leak", v_leak), ("v_threshold", v_threshold), ("v_reset", v_reset)]
+                    }
+                    NodeKind::CubaLI { tau_syn, tau_mem, r, v_leak, w_in } => {
+                        vec![("tau_syn", tau_syn), ("tau_mem", tau_mem), ("r", r), ("v_leak", v_leak), ("w_in", w_in)]
+                    }
+                    NodeKind::CubaLIF { tau_syn, tau_mem, r, v_leak, v_threshold, v_reset, w_in } => vec![
+                        ("tau_syn", tau_syn),
+                        ("tau_mem", tau_mem),
+                        ("r", r),
+                        ("v_leak", v_leak),
+                        ("v_threshold", v_threshold),
+                        ("v_reset", v_reset),
+                        ("w_in", w_in),
+                    ],
+                    NodeKind::Conv1d { weight, bias, .. } | NodeKind::Conv2d { weight, bias, .. } => vec![("weight", weight), ("bias", bias)],
+                    _ => vec![],
+                };
+                for (f, a) in fields {
+                    params.insert(f.into(), arr(a));
+                }
+                if let NodeKind::Input { shape } | NodeKind::Output { shape } = k {
+                    params.insert("shape".into(), json!({"shape": [], "dtype": "int64", "data": shape.iter().map(|&x| x as f64).collect::<Vec<_>>()}));
+                }
+                let meta: serde_json::Map<String, serde_json::Value> = n.metadata.keys().map(|k| (k.clone(), json!("present"))).collect();
+                json!({"type": k.type_name(), "params": params, "metadata": meta})
+            }
+        };
+        nodes.insert(name.clone(), v);
+    }
+    let mut edges: Vec<Vec<String>> = g.edges.iter().map(|(a, b)| vec![a.clone(), b.clone()]).collect();
+    edges.sort();
+    json!({"nodes": nodes, "edges": edges})
+}
+
+/// Differences between two descriptions (params compared by value, shape and node type).
+fn compare(want: &serde_json::Value, got: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+    let (wn, gn) = (want["nodes"].as_object().unwrap(), got["nodes"].as_object().unwrap());
+    let keys = |m: &serde_json::Map<String, serde_json::Value>| m.keys().cloned().collect::<Vec<_>>();
+    if keys(wn) != keys(gn) {
+        out.push(format!("{path}: nodes {:?} vs {:?}", keys(wn), keys(gn)));
+        return;
+    }
+    if want["edges"] != got["edges"] {
+        out.push(format!("{path}: edges {} vs {}", want["edges"], got["edges"]));
+    }
+    for (k, w) in wn {
+        let g = &gn[k];
+        if w["type"] != g["type"] {
+            out.push(format!("{path}{k}: type {} vs {}", w["type"], g["type"]));
+        } else if w["type"] == "NIRGraph" {
+            compare(&w["graph"], &g["graph"], &format!("{path}{k}."), out);
+        } else {
+            for (f, p) in w["params"].as_object().unwrap() {
+                let q = &g["params"][f];
+                // serde_json's float parser may be one ulp off python's repr: compare values.
+                let nums = |v: &serde_json::Value| v.as_array().map(|a| a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect::<Vec<_>>());
+                let (a, b) = (nums(&p["data"]), nums(&q["data"]));
+                let close = match (a, b) {
+                    (Some(a), Some(b)) => a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-14 * x.abs().max(1e-300)),
+                    _ => false,
+                };
+                if !close || (f != "shape" && p["shape"] != q["shape"]) {
+                    out.push(format!("{path}{k}.{f}: {p} vs {q}"));
+                }
+            }
+        }
+    }
+}
+
+macro_rules! python_or_skip {
+    () => {
+        match py_env() {
+            Ok(env) => env,
+            Err(why) => {
+                eprintln!("SKIPPED (python): {why}");
+                return;
+            }
+        }
+    };
+}
+
+#[test]
+fn python_reference_reader_loads_what_sparkc_writes() {
+    let env = python_or_skip!();
+    let dir = scratch("sparkc-written");
+    let mut files: Vec<(String, NirFile)> = vec![("all_primitives".into(), all_primitives())];
+    for (label, n) in neurons(3) {
+        let (f, _, _) = neuron_net(n.kind(), 3);
+        let imp = import_file(&f, Discretisation::default()).unwrap();
+        let ex = export_graph(&imp.graph, &imp.params, &ExportOptions::default()).unwrap();
+        files.push((format!("roundtrip_{label}"), ex.file));
+    }
+    let (g, p) = plif_graph(4, "spike");
+    files.push(("plif".into(), export_graph(&g, &p, &ExportOptions { scheme: Scheme::Exact, ..Default::default() }).unwrap().file));
+    let cfg = sparkc_frontend::NeuronSparkConfig::tiny();
+    let ns = sparkc_frontend::neuronspark::build_graph(&cfg, &Default::default()).unwrap();
+    let ex = export_graph(&ns, &sparkc_frontend::init::init_params(&cfg, 1), &ExportOptions { partial: true, ..Default::default() }).unwrap();
+    files.push(("neuronspark_tiny_partial".into(), ex.file));
+    for (i, (name, f)) in files.iter().enumerate() {
+        nir::write_file(&dir.join(format!("{name}.nir")), f, i % 2 == 0).unwrap();
+        let mut d = describe(&f.graph);
+        d["graph_metadata"] = serde_json::json!(f.graph.metadata.keys().collect::<Vec<_>>());
+        std::fs::write(dir.join(format!("{name}.json")), d.to_string()).unwrap();
+    }
+    let out = py_script(env, "check_sparkc_files.py", &dir);
+    assert!(out.contains(&format!("checked {} sparkc-written files", files.len())), "{out}");
+}
+
+#[test]
+fn python_written_files_load_in_sparkc_and_spike_as_numpy_simulates() {
+    let env = python_or_skip!();
+    let dir = scratch("nir-written");
+    py_script(env, "write_reference_files.py", &dir);
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("nir") {
+            continue;
+        }
+        let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap()).unwrap();
+        let r = nir::read_file(&path, strict()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.file.version, "1.0.8");
+        let mut diffs = Vec::new();
+        compare(&want, &describe(&r.file.graph), "", &mut diffs);
+        assert!(diffs.is_empty(), "{}: {diffs:?}", path.display());
+        if let Some(spikes) = want.get("spikes") {
+            let x: Vec<Vec<f32>> = serde_json::from_value(want["input"].clone()).unwrap();
+            let spikes: Vec<Vec<f32>> = serde_json::from_value(spikes.clone()).unwrap();
+            let disc = Discretisation::new(Convention::Nir, Some(1e-4), Some(Scheme::Euler)).unwrap();
+            let imp = import_graph(&r.file, &r.types, &ImportOptions { disc, ..Default::default() }).unwrap();
+            let got = run(&imp, &[("input", &x)], "output");
+            assert_eq!(got, spikes, "{}", path.display());
+            assert!(spikes.iter().flatten().sum::<f32>() > 10.0, "the network fires");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+}
+
+#[test]
+fn spyx_exports_load_in_sparkc_and_reproduce_spyx_spikes() {
+    let env = python_or_skip!();
+    if !env.spyx {
+        eprintln!("SKIPPED (spyx): {SPYX_REQ} could not be installed from PyPI");
+        return;
+    }
+    let dir = scratch("spyx");
+    let log = py_script(env, "spyx_export.py", &dir);
+    eprintln!("{log}");
+    for kind in ["lif", "if", "cubalif"] {
+        let path = dir.join(format!("spyx_{kind}.nir"));
+        let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap()).unwrap();
+        let r = nir::read_file(&path, strict()).unwrap_or_else(|e| panic!("{e}"));
+        let disc = Discretisation::new(Convention::Spyx, None, None).unwrap();
+        assert_eq!(disc.dt, 1.0);
+        let imp = import_graph(&r.file, &r.types, &ImportOptions { disc, ..Default::default() }).unwrap_or_else(|e| panic!("{kind}: {e}"));
+        let xs: Vec<Vec<Vec<f32>>> = serde_json::from_value(want["input"].clone()).unwrap();
+        let spikes: Vec<Vec<Vec<f32>>> = serde_json::from_value(want["spikes"].clone()).unwrap();
+        for (row, x) in xs.iter().enumerate() {
+            let got = run(&imp, &[("input", x)], "output");
+            assert_eq!(got, spikes[row], "spyx {kind}, batch row {row}");
+        }
+        assert!(want["count"].as_f64().unwrap() > 10.0, "spyx {kind} fires");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fuzzing the reader: never a panic, only errors or a file
+
+fn fuzz_seed_files() -> &'static [Vec<u8>] {
+    static FILES: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    FILES.get_or_init(|| {
+        vec![
+            std::fs::read(data("lif_norse.nir")).unwrap(),
+            nir::write_bytes(&lif_file(), false).unwrap(),
+            nir::write_bytes(&all_primitives(), true).unwrap(),
+        ]
+    })
+}
+
+/// Reading (both modes) and importing whatever was read must return, not panic.
+fn read_anything(bytes: &[u8]) {
+    for opts in [strict(), lenient()] {
+        if let Ok(r) = nir::read_bytes(bytes, "fuzz", opts) {
+            let _ = import_graph(&r.file, &r.types, &ImportOptions { mode: opts.mode, ..Default::default() });
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fuzz_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        read_anything(&bytes);
+    }
+
+    #[test]
+    fn fuzz_truncations(which in 0usize..3, cut in 0.0f64..1.0) {
+        let f = &fuzz_seed_files()[which];
+        read_anything(&f[..(f.len() as f64 * cut) as usize]);
+    }
+
+    #[test]
+    fn fuzz_byte_flips(which in 0usize..3, flips in proptest::collection::vec((0.0f64..1.0, any::<u8>()), 1..8)) {
+        let mut f = fuzz_seed_files()[which].clone();
+        for (pos, val) in flips {
+            let i = ((f.len() - 1) as f64 * pos) as usize;
+            f[i] ^= val.max(1);
+        }
+        read_anything(&f);
     }
 }

@@ -100,6 +100,25 @@ pub enum Op {
     MaskedMeanGrad,
     /// (dy [], like) → dy / numel(like), shaped like `like`.
     MeanGrad,
+
+    // ---- fixed-point ops: what the quantize pass emits (integer mode; see backends/neuro) ----
+    // Integers travel as i64 tensors holding fixed-point values with `frac` fractional bits,
+    // saturated to `bits` (signed). Integer constants (weights, multipliers, quantized
+    // parameters) are f32 params holding integers of at most 24 bits, which f32 stores exactly.
+    /// f32 → i64: round(x·2^frac) (half away from zero), saturated to `bits`.
+    Quantize { frac: u32, bits: u32 },
+    /// (x i64 [...,C], mult [C]) → graded-spike payloads i64 [...,C]: round_shift(x·mult, shift)
+    /// saturated to `bits` (a one-bit payload is unsigned: 0 or 1). A zero payload is no event.
+    GradedSpike { bits: u32, shift: u32 },
+    /// (payloads i64 [...,I], w [O,I], mult [O], bias [O] if `bias`) → i64 [...,O]:
+    /// round_shift((Σ_i w·p)·mult, shift) + bias, saturated to `bits`: a synapse layer and the
+    /// dendrite that scales its sum into the neuron's fixed-point format.
+    SynapseLinear { bias: bool, shift: u32, bits: u32 },
+    /// `Map` in fixed point: every expression node is evaluated on `frac`-bit fixed-point values
+    /// and saturated to `bits`; transcendental functions use the shared lookup tables.
+    FixedMap { expr: Expr, frac: u32, bits: u32 },
+    /// `Scan` in fixed point (operands and results are i64 fixed-point values).
+    FixedScan { neuron: String, emit: Vec<String>, scope: StateScope, frac: u32, bits: u32 },
 }
 
 /// An attribute value in the text form.
@@ -146,6 +165,11 @@ impl Op {
             Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
             Op::MaskedMeanGrad => "masked_mean_grad",
             Op::MeanGrad => "mean_grad",
+            Op::Quantize { .. } => "quantize",
+            Op::GradedSpike { .. } => "graded_spike",
+            Op::SynapseLinear { .. } => "synapse_linear",
+            Op::FixedMap { .. } => "fixed_map",
+            Op::FixedScan { .. } => "fixed_scan",
         }
     }
 
@@ -190,6 +214,23 @@ impl Op {
             | Op::FrameWeightedSumGrad
             | Op::MaskedMeanGrad
             | Op::MeanGrad => vec![],
+            Op::Quantize { frac, bits } => vec![("frac", Attr::Int(*frac as i64)), ("bits", Attr::Int(*bits as i64))],
+            Op::GradedSpike { bits, shift } => vec![("bits", Attr::Int(*bits as i64)), ("shift", Attr::Int(*shift as i64))],
+            Op::SynapseLinear { bias, shift, bits } => vec![
+                ("bias", Attr::Ident(bias.to_string())),
+                ("shift", Attr::Int(*shift as i64)),
+                ("bits", Attr::Int(*bits as i64)),
+            ],
+            Op::FixedMap { expr, frac, bits } => {
+                vec![("f", Attr::Expr(expr.clone())), ("frac", Attr::Int(*frac as i64)), ("bits", Attr::Int(*bits as i64))]
+            }
+            Op::FixedScan { neuron, emit, scope, frac, bits } => vec![
+                ("neuron", Attr::Ident(neuron.clone())),
+                ("emit", Attr::List(emit.iter().map(|e| Attr::Ident(e.clone())).collect())),
+                ("scope", Attr::Ident(scope.name().into())),
+                ("frac", Attr::Int(*frac as i64)),
+                ("bits", Attr::Int(*bits as i64)),
+            ],
         }
     }
 
@@ -273,6 +314,29 @@ impl Op {
             "frame_weighted_sum_grad" => Op::FrameWeightedSumGrad,
             "masked_mean_grad" => Op::MaskedMeanGrad,
             "mean_grad" => Op::MeanGrad,
+            "quantize" => Op::Quantize { frac: small_int(name, attrs, "frac")?, bits: small_int(name, attrs, "bits")? },
+            "graded_spike" => Op::GradedSpike { bits: small_int(name, attrs, "bits")?, shift: small_int(name, attrs, "shift")? },
+            "synapse_linear" => Op::SynapseLinear {
+                bias: match ident("bias")?.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    other => return Err(format!("`bias` must be true or false, got `{other}`")),
+                },
+                shift: small_int(name, attrs, "shift")?,
+                bits: small_int(name, attrs, "bits")?,
+            },
+            "fixed_map" => Op::FixedMap {
+                expr: match get("f")? {
+                    Attr::Expr(e) => e.clone(),
+                    other => return Err(format!("`f` of `fixed_map` must be an expression, got {other:?}")),
+                },
+                frac: small_int(name, attrs, "frac")?,
+                bits: small_int(name, attrs, "bits")?,
+            },
+            "fixed_scan" => {
+                let (neuron, emit, scope) = scan_attrs(name, attrs)?;
+                Op::FixedScan { neuron, emit, scope, frac: small_int(name, attrs, "frac")?, bits: small_int(name, attrs, "bits")? }
+            }
             "cast" => {
                 let t = ident("to")?;
                 Op::Cast { to: DType::from_name(&t).ok_or_else(|| format!("unknown dtype `{t}`"))? }
@@ -289,6 +353,15 @@ impl Op {
     /// Whether the op's result types are declared rather than inferred (graph sources).
     pub fn is_source(&self) -> bool {
         matches!(self, Op::Input { .. } | Op::Param { .. })
+    }
+}
+
+/// An integer attribute of the fixed-point ops (bit counts and shifts: 0..=64).
+fn small_int(name: &str, attrs: &BTreeMap<String, Attr>, k: &str) -> Result<u32, String> {
+    match attrs.get(k) {
+        Some(Attr::Int(i)) if (0..=64).contains(i) => Ok(*i as u32),
+        Some(other) => Err(format!("attribute `{k}` of `{name}` must be an integer in 0..=64, got {other:?}")),
+        None => Err(format!("`{name}` needs attribute `{k}`")),
     }
 }
 
@@ -348,6 +421,21 @@ impl Ctx<'_> {
     fn float(&self, t: &ValueType, what: &str) -> Result<(), String> {
         if !t.dtype.is_float() {
             return self.err(format!("{what} must be a float tensor, got {t}"));
+        }
+        Ok(())
+    }
+
+    fn int(&self, t: &ValueType, what: &str) -> Result<(), String> {
+        if !t.dtype.is_int() {
+            return self.err(format!("{what} must be an integer tensor, got {t}"));
+        }
+        Ok(())
+    }
+
+    /// A fixed-point format the integer kernels can hold: products of two values fit in i128.
+    fn fixed_format(&self, frac: u32, bits: u32) -> Result<(), String> {
+        if !(2..=48).contains(&bits) || frac > 40 {
+            return self.err(format!("fixed-point format needs 2 <= bits <= 48 and frac <= 40, got bits={bits} frac={frac}"));
         }
         Ok(())
     }
@@ -679,6 +767,68 @@ pub fn infer_types(
                 return cx.err("cannot cast to spike; use a scan output");
             }
             Ok(vec![ValueType::new(*to, ins[0].shape.clone())])
+        }
+        Op::Quantize { frac, bits } => {
+            cx.arity(ins, 1)?;
+            cx.fixed_format(*frac, *bits)?;
+            cx.float(&ins[0], "quantize input")?;
+            Ok(vec![ValueType::new(DType::I64, ins[0].shape.clone())])
+        }
+        Op::GradedSpike { bits, shift } => {
+            cx.arity(ins, 2)?;
+            if !(1..=32).contains(bits) || *shift > 62 {
+                return cx.err(format!("payload bits must be 1..=32 and the shift at most 62, got bits={bits} shift={shift}"));
+            }
+            cx.int(&ins[0], "graded_spike input")?;
+            let Some(c) = ins[0].shape.last() else { return cx.err("graded_spike input must have rank >= 1") };
+            if ins[1].shape.rank() != 1 || !cx.same(&ins[1].shape.0[0], c) {
+                return cx.err(format!("multipliers {} do not match channels of {}", ins[1], ins[0]));
+            }
+            Ok(vec![ValueType::new(DType::I64, ins[0].shape.clone())])
+        }
+        Op::SynapseLinear { bias, shift, bits } => {
+            cx.arity(ins, if *bias { 4 } else { 3 })?;
+            cx.fixed_format(0, *bits)?;
+            if *shift > 62 {
+                return cx.err(format!("the shift must be at most 62, got {shift}"));
+            }
+            cx.int(&ins[0], "synapse_linear payloads")?;
+            cx.rank(&ins[1], 2, "synapse_linear weight")?;
+            let w = &ins[1].shape;
+            let Some(i) = ins[0].shape.last() else { return cx.err("synapse_linear payloads must have rank >= 1") };
+            if !cx.same(i, &w.0[1]) {
+                return cx.err(format!("input channels {i} do not match weight {}", ins[1]));
+            }
+            for (k, what) in [(2, "multipliers"), (3, "bias")].into_iter().take(ins.len() - 2) {
+                if ins[k].shape.rank() != 1 || !cx.same(&ins[k].shape.0[0], &w.0[0]) {
+                    return cx.err(format!("{what} {} do not match weight {}", ins[k], ins[1]));
+                }
+            }
+            let mut s = ins[0].shape.0.clone();
+            *s.last_mut().expect("rank checked") = w.0[0].clone();
+            Ok(vec![ValueType::new(DType::I64, Shape(s))])
+        }
+        Op::FixedMap { expr, frac, bits } => {
+            cx.fixed_format(*frac, *bits)?;
+            // The same operand and broadcast rules as `map`, over integer values.
+            let as_float: Vec<ValueType> = ins.iter().map(|t| f32(t.shape.clone())).collect();
+            let out = infer_types(&Op::Map { expr: expr.clone() }, &as_float, neurons, dims)?;
+            Ok(out.into_iter().map(|t| ValueType::new(DType::I64, t.shape)).collect())
+        }
+        Op::FixedScan { neuron, emit, scope, frac, bits } => {
+            cx.fixed_format(*frac, *bits)?;
+            let m = neurons.get(neuron).ok_or_else(|| format!("unknown neuron model `{neuron}`"))?;
+            let np = m.params.len();
+            for (k, t) in ins.iter().enumerate().take(m.inputs.len()) {
+                cx.int(t, &format!("fixed_scan input `{}`", m.inputs[k]))?;
+            }
+            for (k, t) in ins.iter().enumerate().skip(m.inputs.len() + np) {
+                cx.int(t, &format!("fixed_scan initial state {}", k - m.inputs.len() - np))?;
+            }
+            let as_float: Vec<ValueType> = ins.iter().map(|t| f32(t.shape.clone())).collect();
+            let fwd = Op::Scan { neuron: neuron.clone(), emit: emit.clone(), scope: *scope };
+            let out = infer_types(&fwd, &as_float, neurons, dims)?;
+            Ok(out.into_iter().map(|t| ValueType::new(DType::I64, t.shape)).collect())
         }
     }
 }

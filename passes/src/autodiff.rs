@@ -242,6 +242,9 @@ pub fn differentiate(fwd: &Graph, loss: &str, inputs: &[&str]) -> Result<Graph, 
             | Op::CrossEntropyGrad { .. }
             | Op::MaskedMeanGrad
             | Op::MeanGrad => return Err(unsupported("gradient ops are not differentiated again (no second order)")),
+            Op::Quantize { .. } | Op::GradedSpike { .. } | Op::SynapseLinear { .. } | Op::FixedMap { .. } | Op::FixedScan { .. } => {
+                return Err(unsupported("fixed-point ops are not differentiable (quantize after training)"))
+            }
         }
     }
 

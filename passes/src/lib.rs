@@ -3,3 +3,6 @@
 
 pub mod autodiff;
 pub mod cost;
+pub mod center_fold;
+pub mod quantize;
+pub mod users;

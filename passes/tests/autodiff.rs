@@ -1161,10 +1161,13 @@ fn check_spec(spec: &Spec, flavor: Flavor, tol: Tol, tweak: &dyn Fn(&mut Builder
     Ok((Stats { cases: 1, discarded: 1, ..Stats::default() }, None))
 }
 
+/// Fixed seed for reproducible runs; `SPARKC_AUTODIFF_SEED=<u64>` explores other graphs and
+/// `SPARKC_AUTODIFF_SCALE=<n>` multiplies the case counts.
 fn config(cases: u32) -> ProptestConfig {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
     ProptestConfig {
-        cases,
-        rng_seed: RngSeed::Fixed(0x00AD_5EED),
+        cases: cases * env("SPARKC_AUTODIFF_SCALE").unwrap_or(1) as u32,
+        rng_seed: RngSeed::Fixed(env("SPARKC_AUTODIFF_SEED").unwrap_or(0x00AD_5EED)),
         failure_persistence: None,
         max_shrink_iters: 256,
         ..ProptestConfig::default()
@@ -1195,7 +1198,7 @@ fn run_property(cases: u32, max_steps: usize, flavor: Flavor, tol: Tol) -> Stats
 /// masked means and non-firing LIF / leaky-integrator scans.
 #[test]
 fn fd_random_smooth_graphs() {
-    let st = run_property(400, 6, Flavor::Smooth, SMOOTH_TOL);
+    let st = run_property(1200, 6, Flavor::Smooth, SMOOTH_TOL);
     assert!(st.checked >= st.cases * 5, "too few coordinates checked: {st:?}");
     assert_eq!(st.skipped, 0, "smooth graphs should never flip a spike: {st:?}");
     let ops = [
@@ -1218,7 +1221,7 @@ fn fd_random_smooth_graphs() {
 /// spike are skipped; most must still be checked, and the scans must actually fire.
 #[test]
 fn fd_random_spiking_graphs() {
-    let st = run_property(400, 5, Flavor::Spiking, SPIKING_TOL);
+    let st = run_property(1200, 5, Flavor::Spiking, SPIKING_TOL);
     assert!(st.spiking_cases * 2 >= st.cases, "too few spiking graphs: {st:?}");
     assert!(st.spikes * 20 >= st.probe_elems, "the scans hardly fire: {st:?}");
     assert!(st.checked * 2 >= st.checked + st.skipped, "more than half of the coordinates were skipped: {st:?}");
@@ -1252,7 +1255,7 @@ fn scope_strategy() -> impl Strategy<Value = (Spec, usize)> {
 fn fd_scan_adjoint_token_vs_sequence_scope() {
     let kinds = [ScanKind::LifFar, ScanKind::Leaky, ScanKind::Plif, ScanKind::SelectivePlif, ScanKind::CustomDetached, ScanKind::CustomDead];
     let total = RefCell::new(Stats::default());
-    let mut runner = TestRunner::new(config(200));
+    let mut runner = TestRunner::new(config(400));
     let result = runner.run(&scope_strategy(), |(spec, kind)| {
         let kind = kinds[kind];
         let flavor = if matches!(kind, ScanKind::LifFar | ScanKind::Leaky) { Flavor::Smooth } else { Flavor::Spiking };
@@ -1343,12 +1346,13 @@ fn surrogate_value(kind: SurrogateKind, alpha: f64, x: f64) -> f64 {
 }
 
 /// One channel, S frames: x_s = p·xin_s feeds V_s = β·P_{s−1} + x_s (P_0 = v0), z_s = V_s ≥ θ,
-/// P_s = V_s − θ·z_s; loss = mean_s(linear(z, wo) + wv·P).
+/// P_s = reset(V_s, z_s) (V − θ·z, z·r + (1 − z)·V, or V); loss = mean_s(linear(z, wo) + wv·P).
 #[derive(Clone, Debug)]
 struct Srg {
     kind: SurrogateKind,
     alpha: f64,
     detach: bool,
+    reset: Reset,
     xin: Vec<f64>,
     p: f64,
     v0: f64,
@@ -1358,7 +1362,7 @@ struct Srg {
     wv: f64,
 }
 
-fn srg_model(kind: SurrogateKind, alpha: f64, detach: bool) -> NeuronModel {
+fn srg_model(kind: SurrogateKind, alpha: f64, detach: bool, reset: Reset) -> NeuronModel {
     NeuronModel {
         name: "srg".into(),
         params: vec!["beta".into(), "th".into()],
@@ -1369,7 +1373,7 @@ fn srg_model(kind: SurrogateKind, alpha: f64, detach: bool) -> NeuronModel {
         membrane: "v".into(),
         threshold: pe("th"),
         fire: FireCmp::Ge,
-        reset: Reset::Subtract,
+        reset,
         detach_reset: detach,
         surrogate: Surrogate { kind, alpha },
         outputs: vec![bind("spike", var(SPIKE)), bind("vpost", var("v"))],
@@ -1380,7 +1384,7 @@ fn srg_model(kind: SurrogateKind, alpha: f64, detach: bool) -> NeuronModel {
 fn srg_autodiff(c: &Srg) -> BTreeMap<String, f64> {
     let s = c.xin.len() as u64;
     let mut g = Graph::new("surrogate");
-    g.add_neuron(srg_model(c.kind, c.alpha, c.detach)).unwrap();
+    g.add_neuron(srg_model(c.kind, c.alpha, c.detach, c.reset)).unwrap();
     let xin = g.input("xin", ValueType::f32([1, 1, s, 1]));
     let p = g.param("p", ValueType::f32([1u64])).unwrap();
     let xs = g.add1(Op::Map { expr: pe("x0 * x1") }, &[xin, p], "scale").unwrap();
@@ -1422,19 +1426,30 @@ fn srg_reference(c: &Srg) -> BTreeMap<String, f64> {
     let n = c.xin.len();
     let nf = n as f64;
     let mut pre = vec![c.v0]; // P_{s−1}
-    let (mut z, mut sg) = (vec![0.0; n], vec![0.0; n]);
+    let (mut z, mut sg, mut vs) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
     for s in 0..n {
         let v = c.beta * pre[s] + c.p * c.xin[s];
+        vs[s] = v;
         z[s] = (v >= c.th) as u8 as f64;
         sg[s] = surrogate_value(c.kind, c.alpha, v - c.th);
-        pre.push(v - c.th * z[s]);
+        pre.push(match c.reset {
+            Reset::Subtract => v - c.th * z[s],
+            Reset::ToValue(r) => z[s] * r + (1.0 - z[s]) * v,
+            Reset::None => v,
+        });
     }
     let (mut gth, mut gbeta, mut gp, mut carry) = (0.0, 0.0, 0.0, 0.0);
     for s in (0..n).rev() {
         let gpost = carry + c.wv / nf;
-        let gz = c.wo / nf + if c.detach { 0.0 } else { -c.th * gpost };
-        let gv = gpost + gz * sg[s];
-        gth += -z[s] * gpost - gz * sg[s];
+        // Partials of P = reset(V, z, θ): (∂P/∂V with z fixed, ∂P/∂z, ∂P/∂θ with z fixed).
+        let (dp_dv, dp_dz, dp_dth) = match c.reset {
+            Reset::Subtract => (1.0, -c.th, -z[s]),
+            Reset::ToValue(r) => (1.0 - z[s], r - vs[s], 0.0),
+            Reset::None => (1.0, 0.0, 0.0),
+        };
+        let gz = c.wo / nf + if c.detach { 0.0 } else { gpost * dp_dz };
+        let gv = gpost * dp_dv + gz * sg[s];
+        gth += gpost * dp_dth - gz * sg[s];
         gbeta += gv * pre[s];
         gp += gv * c.xin[s];
         carry = gv * c.beta;
@@ -1471,7 +1486,7 @@ fn surrogate_gradient_one_step_matches_hand_computation() {
         for xin in [0.4, 0.1] {
             // V = 0.6·0.25 + 1.2·xin = 0.63 (fires, V − θ = 0.13) or 0.27 (silent, −0.23).
             for wv in [0.0, -0.4] {
-                let base = Srg { kind, alpha, detach: false, xin: vec![xin], p: 1.2, v0: 0.25, beta: 0.6, th: 0.5, wo: 0.7, wv };
+                let base = Srg { kind, alpha, detach: false, reset: Reset::Subtract, xin: vec![xin], p: 1.2, v0: 0.25, beta: 0.6, th: 0.5, wo: 0.7, wv };
                 let v = base.beta * base.v0 + base.p * xin;
                 let z = (v >= base.th) as u8 as f64;
                 let sg = surrogate_value(kind, alpha, v - base.th);
@@ -1513,15 +1528,21 @@ fn surrogate_gradient_one_step_matches_hand_computation() {
     }
 }
 
-/// Several steps: the surrogate and the (non-)detached reset compound through the recurrence.
+/// Several steps: the surrogate and the (non-)detached reset compound through the recurrence;
+/// soft reset, reset to a value, and no reset.
 #[test]
 fn surrogate_gradient_multi_step_matches_hand_backprop() {
     for (kind, alpha) in SURROGATES.into_iter().chain([(SurrogateKind::Sigmoid, 1.5), (SurrogateKind::Atan, 0.7), (SurrogateKind::Triangle, 0.8)]) {
-        for detach in [false, true] {
-            for xin in [vec![0.4, -0.1, 0.5, 0.3], vec![0.2, 0.2, 0.2]] {
-                let c = Srg { kind, alpha, detach, xin: xin.clone(), p: 1.1, v0: -0.1, beta: 0.7, th: 0.45, wo: -0.6, wv: 0.35 };
-                let got = srg_autodiff(&c);
-                assert_close_maps(&got, &srg_reference(&c), &format!("{kind:?}(α={alpha}) detach={detach} xin={xin:?}"));
+        for reset in [Reset::Subtract, Reset::ToValue(-0.1), Reset::ToValue(0.2), Reset::None] {
+            for detach in [false, true] {
+                for xin in [vec![0.4, -0.1, 0.5, 0.3], vec![0.2, 0.2, 0.2]] {
+                    let c = Srg { kind, alpha, detach, reset, xin: xin.clone(), p: 1.1, v0: -0.1, beta: 0.7, th: 0.45, wo: -0.6, wv: 0.35 };
+                    let (got, want) = (srg_autodiff(&c), srg_reference(&c));
+                    if xin.len() == 4 {
+                        assert!(want["wo"] > 0.0, "the test sequence must fire");
+                    }
+                    assert_close_maps(&got, &want, &format!("{kind:?}(α={alpha}) {reset:?} detach={detach} xin={xin:?}"));
+                }
             }
         }
     }

@@ -17,6 +17,8 @@ pub use session::{Executor, Session};
 pub enum RuntimeError {
     #[error(transparent)]
     Cpu(#[from] sparkc_backend_cpu::CpuError),
+    #[error(transparent)]
+    Cuda(#[from] sparkc_backend_cuda::CudaError),
     #[error("{0}")]
     Usage(String),
 }

@@ -8,10 +8,11 @@ use sparkc_backend_cpu::CpuProgram;
 use sparkc_ir::{Graph, Tensor};
 use std::collections::BTreeMap;
 
-/// Something that runs a graph on named inputs (the CPU program today, other backends later).
+/// Something that runs a graph on named inputs: a CPU program or a GPU program.
 pub trait Executor {
     fn graph(&self) -> &Graph;
-    fn execute(&self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError>;
+    /// Run with `params` (a device executor keeps copies and re-uploads only what changed).
+    fn execute(&mut self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError>;
 }
 
 impl Executor for CpuProgram {
@@ -19,8 +20,29 @@ impl Executor for CpuProgram {
         CpuProgram::graph(self)
     }
 
-    fn execute(&self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+    fn execute(&mut self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         Ok(self.run(inputs, params)?)
+    }
+}
+
+impl Executor for sparkc_backend_cuda::GpuProgram {
+    fn graph(&self) -> &Graph {
+        sparkc_backend_cuda::GpuProgram::graph(self)
+    }
+
+    fn execute(&mut self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        self.set_params(params)?;
+        Ok(self.run(inputs)?)
+    }
+}
+
+impl Executor for Box<dyn Executor> {
+    fn graph(&self) -> &Graph {
+        (**self).graph()
+    }
+
+    fn execute(&mut self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        (**self).execute(inputs, params)
     }
 }
 

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args)]
+#[derive(Clone)]
 pub struct Args {
     /// config.json, or a preset: tiny, small, neuronspark-0.9b.
     #[arg(long, default_value = "tiny")]
@@ -39,11 +40,13 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if a.backend != "cpu" {
-        bail!("--backend {} is not available in this build (available: cpu)", a.backend);
-    }
     if a.batch == 0 || a.tokens == 0 || a.iters == 0 {
         bail!("--batch, --tokens and --iters must be positive");
+    }
+    match a.backend.as_str() {
+        "cpu" => {}
+        "cuda" => return super::bench_cuda::run(&a),
+        other => bail!("unknown backend `{other}` (use cpu or cuda)"),
     }
     let cfg = load_config(&a.config, None)?;
     let graph = build_graph(&cfg, &GraphOptions::default())?;

@@ -18,7 +18,7 @@ pub fn run(a: Args) -> Result<()> {
     let config = a.out.join("config.json").display().to_string();
     let weights = a.out.join("model.safetensors");
     println!("\n== 2. inspect it ==");
-    super::inspect::run(super::inspect::Args { config: config.clone(), weights: Some(weights.clone()), emit: None, boundary: None })?;
+    super::inspect::run(super::inspect::Args { model: None, config: Some(config.clone()), weights: Some(weights.clone()), emit: None, boundary: None })?;
     println!("\n== 3. generate from it (random weights, so expect random bytes) ==");
     super::generate::run(super::generate::Args {
         config,
@@ -35,5 +35,6 @@ pub fn run(a: Args) -> Result<()> {
         eos_id: None,
         out: None,
         boundary: None,
+        backend: "cpu".into(),
     })
 }

@@ -4,7 +4,6 @@ use crate::model_source::{load_config, load_weights};
 use sparkc_frontend::tokenizer;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use sparkc_backend_cpu::CpuProgram;
 use sparkc_frontend::neuronspark::{build_graph, GraphOptions};
 use sparkc_frontend::tensors_io::{read_tensors, write_tensors};
 use sparkc_ir::Tensor;
@@ -52,6 +51,9 @@ pub struct Args {
     /// Override the config's boundary activation (leak or vpost).
     #[arg(long)]
     pub boundary: Option<String>,
+    /// Where to run: cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
 }
 
 fn prompt_rows(a: &Args, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<Vec<i64>>> {
@@ -90,7 +92,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let params = load_weights(&cfg, a.weights.as_deref(), a.init_seed)?;
     let graph = build_graph(&cfg, &GraphOptions::default())?;
-    let mut session = Session::new(CpuProgram::compile(&graph)?, params);
+    let mut session = Session::new(crate::backend::executor(&a.backend, &graph)?, params);
     let mut sampler = Sampler::new(a.temperature, Some(a.top_k).filter(|&k| k > 0), a.top_p, a.seed);
     let bar = ProgressBar::new(a.max_new_tokens as u64);
     bar.set_style(ProgressStyle::with_template("{spinner} generating {pos}/{len} tokens [{elapsed_precise}] {per_sec}").expect("valid template"));

@@ -11,9 +11,12 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// A NIR file to describe (instead of --config).
+    #[arg(conflicts_with = "config", required_unless_present = "config")]
+    pub model: Option<PathBuf>,
     /// config.json, or a preset: tiny, small, neuronspark-0.9b.
     #[arg(long)]
-    pub config: String,
+    pub config: Option<String>,
     /// A checkpoint to check against the config (every key and shape).
     #[arg(long)]
     pub weights: Option<PathBuf>,
@@ -26,7 +29,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let cfg = load_config(&a.config, a.boundary.as_deref())?;
+    if let Some(p) = &a.model {
+        return crate::commands::nir::inspect_nir(p);
+    }
+    let cfg = load_config(a.config.as_deref().unwrap_or("tiny"), a.boundary.as_deref())?;
     println!(
         "model: NeuronSpark  vocab {}  D {}  N {}  K {}  layers {}  D_ff {}  v_th_min {}  boundary {}",
         cfg.vocab_size, cfg.d, cfg.n, cfg.k, cfg.num_layers, cfg.d_ff, cfg.v_th_min, cfg.boundary.name()

@@ -1,9 +1,11 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_cuda;
 pub mod demo;
 pub mod generate;
 pub mod init;
 pub mod inspect;
+pub mod nir;
 pub mod run;
 pub mod train;

@@ -2,7 +2,6 @@
 
 use crate::model_source::{load_config, load_weights};
 use anyhow::{bail, Context, Result};
-use sparkc_backend_cpu::CpuProgram;
 use sparkc_frontend::neuronspark::{build_graph, compensate_gradients, GraphOptions};
 use sparkc_passes::autodiff::{differentiate, GRAD_PREFIX};
 use sparkc_frontend::tensors_io::{read_tensors, write_tensors};
@@ -31,6 +30,9 @@ pub struct Args {
     /// Override the config's boundary activation (leak or vpost).
     #[arg(long)]
     pub boundary: Option<String>,
+    /// Where to run: cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
     /// Weight of the ponder cost in `total_loss`.
     #[arg(long, default_value_t = 0.01)]
     pub ponder_weight: f64,
@@ -87,7 +89,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.grads_out.is_some() {
         graph = differentiate(&graph, "total_loss", &[])?;
     }
-    let mut session = Session::new(CpuProgram::compile(&graph)?, params);
+    let mut session = Session::new(crate::backend::executor(&a.backend, &graph)?, params);
     session.reset(b);
     let out = session.step(feed)?;
 

@@ -7,7 +7,7 @@
 pub mod bytecode;
 pub mod kernels;
 
-use kernels::{dense, grad, map, reduce, scan};
+use kernels::{dense, fixed, grad, map, reduce, scan};
 use petgraph::stable_graph::NodeIndex;
 use sparkc_ir::tensor::TensorData;
 use sparkc_ir::types::DimBindings;
@@ -39,6 +39,8 @@ enum Compiled {
     Map(map::CompiledMap),
     Scan(scan::CompiledScan),
     ScanAdjoint(scan::CompiledScanAdjoint),
+    FixedMap(fixed::CompiledFixedMap),
+    FixedScan(fixed::CompiledFixedScan),
 }
 
 /// A graph compiled for the CPU.
@@ -76,6 +78,17 @@ impl CpuProgram {
                     let model = &graph.neurons[neuron];
                     let s = scan::compile_adjoint(model, emit, *scope).map_err(|e| CpuError::Compile(format!("`{}`: {e}", node.name)))?;
                     compiled.insert(n, Compiled::ScanAdjoint(s));
+                }
+                Op::FixedMap { expr, frac, bits } => {
+                    let m = fixed::compile_fixed_map(expr, operands.len(), fixed::Fx::new(*frac, *bits))
+                        .map_err(|e| CpuError::Compile(format!("`{}`: {e}", node.name)))?;
+                    compiled.insert(n, Compiled::FixedMap(m));
+                }
+                Op::FixedScan { neuron, emit, scope, frac, bits } => {
+                    let model = &graph.neurons[neuron];
+                    let s = fixed::compile_fixed_scan(model, emit, *scope, fixed::Fx::new(*frac, *bits))
+                        .map_err(|e| CpuError::Compile(format!("`{}`: {e}", node.name)))?;
+                    compiled.insert(n, Compiled::FixedScan(s));
                 }
                 _ => {}
             }
@@ -335,6 +348,30 @@ impl CpuProgram {
                 let numel = ins[1].numel().max(1);
                 vec![out(vec![f(0)?[0] / numel as f32; numel])]
             }
+            Op::Quantize { frac, bits } => vec![Tensor::i64(shapes[0].clone(), fixed::quantize(f(0)?, fixed::Fx::new(*frac, *bits)))],
+            Op::GradedSpike { bits, shift } => vec![Tensor::i64(shapes[0].clone(), fixed::graded_spike(ints(0)?, f(1)?, *shift, *bits))],
+            Op::SynapseLinear { bias, shift, bits } => {
+                let (o, i) = (ins[1].shape[0], ins[1].shape[1]);
+                let m = ins[0].numel() / i.max(1);
+                let b = if *bias { Some(f(3)?) } else { None };
+                vec![Tensor::i64(shapes[0].clone(), fixed::synapse_linear(ints(0)?, f(1)?, f(2)?, b, m, i, o, *shift, *bits))]
+            }
+            Op::FixedMap { .. } => {
+                let Some(Compiled::FixedMap(m)) = self.compiled.get(&n) else { unreachable!("fixed maps are compiled") };
+                let operands: Vec<(fixed::IntOperand, &[usize])> = ins.iter().map(|t| (int_operand(t), t.shape.as_slice())).collect();
+                vec![Tensor::i64(shapes[0].clone(), m.run(&operands, &shapes[0]))]
+            }
+            Op::FixedScan { neuron, .. } => {
+                let Some(Compiled::FixedScan(sc)) = self.compiled.get(&n) else { unreachable!("fixed scans are compiled") };
+                let model = &self.graph.neurons[neuron];
+                let (ni, np) = (model.inputs.len(), model.params.len());
+                let s = &ins[0].shape;
+                let inputs: Vec<&[i64]> = (0..ni).map(ints).collect::<Result<_, _>>()?;
+                let params: Vec<fixed::IntOperand> = ins[ni..ni + np].iter().map(|t| int_operand(t)).collect();
+                let init: Vec<&[i64]> = (ni + np..ins.len()).map(ints).collect::<Result<_, _>>()?;
+                let (outs, finals) = sc.run(&inputs, &params, &init, s[0], s[1] * s[2], s[2], s[3]);
+                outs.into_iter().chain(finals).zip(shapes).map(|(d, sh)| Tensor::i64(sh.clone(), d)).collect()
+            }
             Op::Cast { to } => {
                 let t = match (*to, &ins[0].data) {
                     (DType::F32 | DType::F64 | DType::BF16, d) => Tensor::f32(shapes[0].clone(), match d {
@@ -350,5 +387,13 @@ impl CpuProgram {
                 vec![t]
             }
         })
+    }
+}
+
+/// An operand of an integer kernel: i64 values, or integer-valued f32 constants.
+fn int_operand(t: &Tensor) -> fixed::IntOperand<'_> {
+    match &t.data {
+        TensorData::I64(v) => fixed::IntOperand::I64(v),
+        TensorData::F32(v) => fixed::IntOperand::F32(v),
     }
 }

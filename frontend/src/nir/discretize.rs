@@ -319,10 +319,13 @@ fn nir_model(kind: NeuronKind, d: &Discretisation, reset: ResetForm) -> Result<D
     })
 }
 
+/// Fields, state, lets, charge and emitted output of a Spyx neuron.
+type SpyxParts = (Vec<&'static str>, Vec<&'static str>, Vec<(&'static str, String)>, Vec<(&'static str, String)>, &'static str);
+
 fn spyx_model(kind: NeuronKind, d: &Discretisation) -> Result<DiscreteNeuron, String> {
     let dt = c(d.dt);
     let clip = |tau: &str| format!("min(max(1.0 - {dt} / {tau}, 0.0), 1.0)");
-    let (fields, state, lets, charge, emit): (Vec<&'static str>, Vec<&'static str>, Vec<(&'static str, String)>, Vec<(&'static str, String)>, _) = match kind {
+    let (fields, state, lets, charge, emit): SpyxParts = match kind {
         NeuronKind::LIF => (
             vec!["tau", "v_threshold"],
             vec!["v"],

@@ -166,6 +166,11 @@ impl Exporter<'_> {
 
     fn omit(&mut self, n: NodeIndex, why: impl Into<String>) {
         self.diag(n, Severity::Unsupported, why);
+        self.omit_quietly(n);
+    }
+
+    /// Omit a node only because an input is omitted: the cause has its own diagnostic.
+    fn omit_quietly(&mut self, n: NodeIndex) {
         for port in 0..self.graph.node(n).results.len() as u32 {
             let v = Value { node: n, port };
             let c = channels(self.graph, v);
@@ -260,8 +265,7 @@ impl Exporter<'_> {
             match self.sources(v) {
                 Some(s) => srcs.extend(s),
                 None => {
-                    let what = self.label(v.node);
-                    self.omit(n, format!("its input comes from `{what}`, which is not exported"));
+                    self.omit_quietly(n);
                     return;
                 }
             }
@@ -286,8 +290,7 @@ impl Exporter<'_> {
                     match self.sources(v) {
                         Some(s) => all.extend(s),
                         None => {
-                            let what = self.label(v.node);
-                            self.omit(n, format!("its input comes from `{what}`, which is not exported"));
+                            self.omit_quietly(n);
                             return Ok(());
                         }
                     }

@@ -298,7 +298,7 @@ impl Builder<'_> {
         let dt = self.opts.disc.dt;
         for field in ["tau", "tau_syn", "tau_mem"] {
             if let Some(v) = values.get(field) {
-                if let Some((i, t)) = v.iter().enumerate().find(|(_, t)| !(**t > 0.0)) {
+                if let Some((i, t)) = v.iter().enumerate().find(|(_, t)| t.is_nan() || **t <= 0.0) {
                     return Ok(Err(diag(path, nk.name(), &format!("`{field}` must be positive, channel {i} is {t}"))));
                 }
                 let fastest = v.iter().copied().fold(f32::INFINITY, f32::min) as f64;

@@ -376,6 +376,11 @@ fn check_finite(a: &Array) -> Result<(), usize> {
 /// wraps a bare node into a graph).
 pub fn from_tree(tree: &H5Group, origin: &str, mode: Mode) -> Result<(NirFile, Vec<String>), NirError> {
     let mut r = Reader { origin, mode, warnings: Vec::new() };
+    let node = match tree.get("node") {
+        Some(H5Entry::Group(g)) => g,
+        Some(_) => return Err(r.format_err("`node` must be a group")),
+        None => return Err(r.format_err("the file has no `node` group (is this a NIR model file?)")),
+    };
     let version = match tree.get("version") {
         Some(H5Entry::Dataset(H5Value::Str(s))) => s.clone(),
         Some(_) => return Err(r.format_err("`version` must be a scalar string")),
@@ -384,11 +389,6 @@ pub fn from_tree(tree: &H5Group, origin: &str, mode: Mode) -> Result<(NirFile, V
             r.deviation("/", "the file has no `version` dataset".into())?;
             String::new()
         }
-    };
-    let node = match tree.get("node") {
-        Some(H5Entry::Group(g)) => g,
-        Some(_) => return Err(r.format_err("`node` must be a group")),
-        None => return Err(r.format_err("the file has no `node` group (is this a NIR model file?)")),
     };
     for k in tree.keys().filter(|k| *k != "version" && *k != "node") {
         r.deviation("/", format!("unexpected top-level member `{k}`; ignored"))?;

@@ -258,7 +258,7 @@ impl<E: Executor> Trainer<E> {
     }
 
     /// Mean held-out loss (LM loss, token-weighted) over the first `eval_batches` batches.
-    pub fn evaluate(&self) -> Result<Option<f64>, TrainError> {
+    pub fn evaluate(&mut self) -> Result<Option<f64>, TrainError> {
         let batches = self.data.eval_batches(self.cfg.batch_size, self.cfg.eval_batches);
         if batches.is_empty() {
             return Ok(None);

@@ -5,3 +5,4 @@ pub mod map;
 pub mod reduce;
 pub mod scan;
 pub mod grad;
+pub mod fixed;

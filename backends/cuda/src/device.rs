@@ -1,0 +1,112 @@
+//! The GPU: context, stream, cuBLAS, and NVRTC compilation with an on-disk PTX cache keyed by
+//! a hash of the source, the NVRTC options and the GPU architecture.
+
+use crate::CudaError;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaModule, CudaStream};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Why there is no usable GPU, or `None` when there is one. Never panics (cudarc's dynamic
+/// loading panics when a library is missing, so presence is checked first).
+pub fn unavailable_reason() -> Option<String> {
+    // SAFETY: these only try to dlopen the libraries.
+    let (drv, rtc, blas) = unsafe {
+        (cudarc::driver::sys::is_culib_present(), cudarc::nvrtc::sys::is_culib_present(), cudarc::cublas::sys::is_culib_present())
+    };
+    if !drv {
+        return Some("no CUDA driver library (libcuda) found".into());
+    }
+    if !rtc {
+        return Some("no NVRTC library (libnvrtc) found".into());
+    }
+    if !blas {
+        return Some("no cuBLAS library (libcublas) found".into());
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => None,
+        Ok(_) => Some("the CUDA driver reports no device".into()),
+        Err(e) => Some(format!("the CUDA driver failed: {e:?}")),
+    }
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub blas: CudaBlas,
+    pub arch: &'static str,
+    pub name: String,
+}
+
+fn arch_name(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (7, 0) => "sm_70",
+        (7, 5) => "sm_75",
+        (8, 0) => "sm_80",
+        (8, 6) => "sm_86",
+        (8, 9) => "sm_89",
+        (9, 0) => "sm_90",
+        (10, 0) => "sm_100",
+        (12, 0) => "sm_120",
+        _ => "sm_80",
+    }
+}
+
+fn fnv64(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain([0u8]) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SPARKC_CACHE_DIR") {
+        return PathBuf::from(d).join("cuda");
+    }
+    let home = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    home.unwrap_or_else(std::env::temp_dir).join("sparkc").join("cuda")
+}
+
+impl Gpu {
+    pub fn new(ordinal: usize) -> Result<Gpu, CudaError> {
+        if let Some(why) = unavailable_reason() {
+            return Err(CudaError::Unavailable(why));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::Driver(format!("cannot open GPU {ordinal}: {e:?}")))?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
+        let (major, minor) = ctx.compute_capability().map_err(|e| CudaError::Driver(format!("{e:?}")))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        Ok(Gpu { ctx, stream, blas, arch: arch_name(major, minor), name })
+    }
+
+    /// Compile CUDA C to PTX (or take it from the cache) and load it.
+    pub fn load(&self, src: &str) -> Result<Arc<CudaModule>, CudaError> {
+        // fmad off: the same rounding as the CPU oracle, which the goldens check.
+        let opts_key = "fmad=false";
+        let key = format!("{:016x}", fnv64(&[src, opts_key, self.arch]));
+        let dir = cache_dir();
+        let path = dir.join(format!("{key}.ptx"));
+        let ptx = match std::fs::read_to_string(&path) {
+            Ok(text) => Ptx::from_src(text),
+            Err(_) => {
+                let opts = CompileOptions { fmad: Some(false), arch: Some(self.arch), ..Default::default() };
+                let ptx = compile_ptx_with_opts(src, opts).map_err(|e| CudaError::Compile(format!("{e}")))?;
+                // A failed cache write only costs a recompile next time.
+                if std::fs::create_dir_all(&dir).is_ok() {
+                    let tmp = dir.join(format!("{key}.ptx.tmp-{}", std::process::id()));
+                    if std::fs::write(&tmp, ptx.to_src()).is_ok() {
+                        let _ = std::fs::rename(&tmp, &path);
+                    }
+                }
+                ptx
+            }
+        };
+        self.ctx.load_module(ptx).map_err(|e| CudaError::Driver(format!("loading the module: {e:?}")))
+    }
+}

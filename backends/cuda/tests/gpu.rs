@@ -1,0 +1,117 @@
+//! GPU tests. Each one prints why it skipped when there is no usable GPU (CI has none) and runs
+//! for real on the GPU machine: the goldens of the original in f32, CPU-vs-GPU equality on
+//! random small configs, and incremental decoding.
+
+use sparkc_backend_cpu::CpuProgram;
+use sparkc_backend_cuda::{unavailable_reason, Gpu, GpuProgram};
+use sparkc_frontend::neuronspark::{build_graph, GraphOptions};
+use sparkc_frontend::tensors_io::read_tensors;
+use sparkc_frontend::{init::init_params, Boundary, NeuronSparkConfig};
+use sparkc_ir::rng::Rng;
+use sparkc_ir::Tensor;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/golden/neuronspark-tiny");
+
+fn gpu_or_skip(test: &str) -> Option<Gpu> {
+    match unavailable_reason() {
+        Some(why) => {
+            println!("SKIP {test}: {why}");
+            None
+        }
+        None => Some(Gpu::new(0).expect("a GPU that is present opens")),
+    }
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn zero_states(graph: &sparkc_ir::Graph, b: usize) -> BTreeMap<String, Tensor> {
+    graph
+        .inputs()
+        .into_iter()
+        .filter(|(_, n, _)| n.starts_with("state."))
+        .map(|(_, n, ty)| {
+            let c = ty.shape.dims()[1].as_const().unwrap() as usize;
+            (n.to_string(), Tensor::zeros(vec![b, c]))
+        })
+        .collect()
+}
+
+#[test]
+fn goldens_match_on_the_gpu_in_f32() {
+    let Some(_) = gpu_or_skip("goldens_match_on_the_gpu_in_f32") else { return };
+    let params = read_tensors(Path::new(&format!("{GOLDEN}/model.safetensors"))).unwrap();
+    for variant in ["leak", "vpost"] {
+        let cfg = NeuronSparkConfig::load(Path::new(&format!("{GOLDEN}/config_{variant}.json"))).unwrap();
+        let graph = build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap();
+        let io = read_tensors(Path::new(&format!("{GOLDEN}/io_{variant}.safetensors"))).unwrap();
+        let mut inputs = zero_states(&graph, 2);
+        for k in ["input_ids", "target_ids"] {
+            inputs.insert(k.into(), io[k].clone());
+        }
+        inputs.insert("loss_mask".into(), Tensor::f32(vec![2, 8], io["loss_mask"].to_f32_vec()));
+        let mut prog = GpuProgram::compile(Gpu::new(0).unwrap(), &graph).unwrap();
+        prog.set_params(&params).unwrap();
+        let out = prog.run(&inputs).unwrap();
+        let err = rel_l2(&out["logits"].to_f32_vec(), &io["logits"].to_f32_vec());
+        println!("{variant}: logits relative L2 {err:e}");
+        assert!(err < 1e-5, "{variant}: logits off by {err:e}");
+        for k in ["lm_loss", "total_loss", "ponder_cost"] {
+            let (a, b) = (out[k].to_f32_vec()[0] as f64, io[k].to_f32_vec()[0] as f64);
+            assert!(((a - b) / b).abs() < 1e-5, "{variant}: {k} {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn gpu_equals_cpu_on_random_small_configs() {
+    let Some(_) = gpu_or_skip("gpu_equals_cpu_on_random_small_configs") else { return };
+    let mut rng = Rng::new(11);
+    for case in 0..6 {
+        let cfg = NeuronSparkConfig {
+            vocab_size: 64 + rng.below(200) as usize,
+            d: 16 + 8 * rng.below(8) as usize,
+            n: 1 + rng.below(6) as usize,
+            k: 1 + rng.below(6) as usize,
+            num_layers: 1 + rng.below(3) as usize,
+            d_ff: 16 + 16 * rng.below(6) as usize,
+            v_th_min: 0.1,
+            boundary: if case % 2 == 0 { Boundary::Leak } else { Boundary::Vpost },
+        };
+        let (b, t) = (1 + rng.below(3) as usize, 1 + rng.below(9) as usize);
+        let params = init_params(&cfg, case);
+        let graph = build_graph(&cfg, &GraphOptions::default()).unwrap();
+        let mut inputs = zero_states(&graph, b);
+        inputs.insert("input_ids".into(), Tensor::i64(vec![b, t], (0..b * t).map(|_| rng.below(cfg.vocab_size as u64) as i64).collect()));
+        let cpu = CpuProgram::compile(&graph).unwrap().run(&inputs, &params).unwrap();
+        let mut gpu = GpuProgram::compile(Gpu::new(0).unwrap(), &graph).unwrap();
+        gpu.set_params(&params).unwrap();
+        let out = gpu.run(&inputs).unwrap();
+        for (k, v) in &cpu {
+            let err = rel_l2(&out[k].to_f32_vec(), &v.to_f32_vec());
+            assert!(err < 1e-5, "case {case} {cfg:?}: `{k}` differs by {err:e}");
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors_on_the_gpu() {
+    let Some(gpu) = gpu_or_skip("bad_inputs_are_errors_on_the_gpu") else { return };
+    let cfg = NeuronSparkConfig::tiny();
+    let graph = build_graph(&cfg, &GraphOptions::default()).unwrap();
+    let mut prog = GpuProgram::compile(gpu, &graph).unwrap();
+    prog.set_params(&init_params(&cfg, 0)).unwrap();
+    let mut inputs = zero_states(&graph, 1);
+    inputs.insert("input_ids".into(), Tensor::i64(vec![1, 2], vec![3, 999]));
+    let err = prog.run(&inputs).unwrap_err().to_string();
+    assert!(err.contains("999"), "{err}");
+    let mut missing = init_params(&cfg, 0);
+    missing.remove("norm.gain");
+    let err = prog.set_params(&missing).unwrap_err().to_string();
+    assert!(err.contains("norm.gain"), "{err}");
+}
