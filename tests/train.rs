@@ -112,7 +112,8 @@ fn a_full_disk_keeps_the_previous_checkpoint() {
     // A 6 MiB tmpfs holds one checkpoint of the tiny model (~3.4 MB) but not two.
     let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=6m", "tmpfs", run.to_str().unwrap()]).output();
     if !mounted.map(|o| o.status.success()).unwrap_or(false) {
-        eprintln!("SKIP a_full_disk_keeps_the_previous_checkpoint: cannot mount a small tmpfs here (needs root)");
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIP a_full_disk_keeps_the_previous_checkpoint: cannot mount a small tmpfs here (needs root)");
         return;
     }
     let out = train(&run, &["--steps", "3", "--checkpoint-every", "1", "--keep-checkpoints", "5"]);

@@ -940,7 +940,9 @@ macro_rules! python_or_skip {
         match py_env() {
             Ok(env) => env,
             Err(why) => {
-                eprintln!("SKIPPED (python): {why}");
+                // Straight to the stream: the harness captures eprintln!, and a skip must show.
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "SKIPPED (python): {why}");
                 return;
             }
         }
@@ -1009,7 +1011,8 @@ fn python_written_files_load_in_sparkc_and_spike_as_numpy_simulates() {
 fn spyx_exports_load_in_sparkc_and_reproduce_spyx_spikes() {
     let env = python_or_skip!();
     if !env.spyx {
-        eprintln!("SKIPPED (spyx): {SPYX_REQ} could not be installed from PyPI");
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIPPED (spyx): {SPYX_REQ} could not be installed from PyPI");
         return;
     }
     let dir = scratch("spyx");

@@ -580,7 +580,12 @@ impl Builder {
             return self.map_step(cur);
         }
         let w = self.param("norm", vec![cd(c)], Gen::U(0.5, 1.5));
-        let op = if self.coin(0.5) { Op::RmsNorm { eps: 1e-5 } } else { Op::LateralInhibition { eps: 1e-5 } };
+        // A row whose RMS is near zero makes the norm a smoothed sign at the scale √eps (a
+        // centred pair is ±(a, −a)/|a|), which no finite difference resolves. The gradient's
+        // formula does not depend on eps, so narrow rows get an eps that keeps them smooth.
+        let eps = [0.05, 0.5][self.pick(2)];
+        self.feat(format!("norm eps {eps}"));
+        let op = if self.coin(0.5) { Op::RmsNorm { eps } } else { Op::LateralInhibition { eps } };
         self.op1(op, &[cur, w], "norm")
     }
 
@@ -886,12 +891,18 @@ fn custom_model(s: &mut Rng, name: &str, dead: bool) -> CustomModel {
         let e = rand_smooth(s, &vars, 2);
         use_all(s, e, &inputs)
     };
-    // v = σ(·)·v + drive
-    let mut charge = vec![bind("v", bin(BinOp::Add, bin(BinOp::Mul, un(UnOp::Sigmoid, decay_arg), var("v")), drive))];
+    // v = 0.9·σ(·)·v + tanh(drive): |v| stays O(10) even when every frame fires. Other
+    // expressions read v only through tanh(v): a product like atan(w)·2v with v ≈ 13 inside a
+    // tanh is a sign function of w, which finite differences cannot follow.
+    let squash_v = |e: Expr| e.substitute(&|n| (n == "v").then(|| un(UnOp::Tanh, var("v"))));
+    let mut charge = vec![bind(
+        "v",
+        bin(BinOp::Add, bin(BinOp::Mul, bin(BinOp::Mul, cst(0.9), un(UnOp::Sigmoid, decay_arg)), var("v")), un(UnOp::Tanh, drive)),
+    )];
     if has_w {
         let vars = strs(&["v", "w", "x"]);
         let e = rand_smooth(s, &vars, 2);
-        let e = use_all(s, e, &strs(&["v"]));
+        let e = squash_v(use_all(s, e, &strs(&["v"])));
         charge.push(bind(
             "w",
             bin(BinOp::Add, bin(BinOp::Mul, cst(round3(s.uniform_range(0.3, 0.9))), var("w")), bin(BinOp::Mul, cst(0.5), un(UnOp::Tanh, e))),
@@ -921,7 +932,7 @@ fn custom_model(s: &mut Rng, name: &str, dead: bool) -> CustomModel {
     feat_vars.extend(params.iter().cloned());
     let feat = {
         let e = rand_smooth(s, &feat_vars, 2);
-        use_all(s, e, &strs(&["v"]))
+        squash_v(use_all(s, e, &strs(&["v"])))
     };
     let mut outputs = vec![bind("spike", var(SPIKE)), bind("vpost", var("v")), bind("feat", feat)];
     let mut consumable = strs(&["vpost", "feat"]);
@@ -1917,3 +1928,4 @@ fn scan_output_reading_the_previous_state() {
     let (fwd, grad, detail) = single_scan_vs_reference(&m, &["vpost", "prev"], 4, 2, 14);
     assert!(fwd < 1e-5 && grad < 1e-3, "forward error {fwd}, gradient error {grad}: {detail}");
 }
+

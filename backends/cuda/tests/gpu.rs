@@ -17,7 +17,10 @@ const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/golden/ne
 fn gpu_or_skip(test: &str) -> Option<Gpu> {
     match unavailable_reason() {
         Some(why) => {
-            println!("SKIP {test}: {why}");
+            // Written to the stream directly: the test harness captures println!, and a skip
+            // must be seen in CI's log.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
             None
         }
         None => Some(Gpu::new(0).expect("a GPU that is present opens")),

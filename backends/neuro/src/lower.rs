@@ -13,7 +13,7 @@ use crate::microcode::{check_program, Fuser};
 use crate::program::*;
 use crate::NeuroError;
 use sparkc_backend_cpu::kernels::fixed::{compile_map, compile_step, Fx, Lut, LutKind};
-use sparkc_ir::{DType, Graph, NodeIndex, Op, Tensor, Value};
+use sparkc_ir::{Graph, NodeIndex, Op, Tensor, Value};
 use sparkc_passes::users::all_readers;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -213,9 +213,15 @@ pub fn lower(q: &Graph, params: &BTreeMap<String, Tensor>, state_bits: u32) -> R
         let Op::SynapseLinear { bias, shift, bits } = q.node(n).op else { unreachable!("filtered") };
         let ops = q.operands(n);
         let src = ops[0];
-        let source = match spike_output.get(&src.node) {
-            Some(&(group, output)) => SynapseSource::Group { group, output },
-            None => SynapseSource::Buffer(lw.buffer(src)),
+        let (source, payload_bits) = match spike_output.get(&src.node) {
+            Some(&(group, output)) => (SynapseSource::Group { group, output }, groups[group as usize].outputs[output as usize].bits),
+            None => {
+                let bits = match q.node(src.node).op {
+                    Op::GradedSpike { bits, .. } => bits,
+                    _ => fx.bits,
+                };
+                (SynapseSource::Buffer(lw.buffer(src)), bits)
+            }
         };
         let out = Value { node: n, port: 0 };
         let dests: BTreeSet<u32> = lw.readers_of(out).iter().filter_map(|r| group_of.get(r).copied()).collect();
@@ -260,6 +266,7 @@ pub fn lower(q: &Graph, params: &BTreeMap<String, Tensor>, state_bits: u32) -> R
         synapses.push(SynapseLayer {
             name: q.node(n).name.clone(),
             source,
+            payload_bits,
             dest_group,
             dest_input,
             inputs: i as u32,
@@ -390,7 +397,7 @@ fn build_group(
     let mut preloaded = Vec::new();
 
     // The group register holding value `v` (loading it as an input or parameter if new).
-    let mut operand_reg = |v: Value, fuser: &mut Fuser, lw: &mut Lowerer, value_reg: &mut HashMap<Value, u16>, inputs: &mut Vec<GroupInput>, params: &mut Vec<GroupParam>, preloaded: &mut Vec<u16>| -> Result<u16, NeuroError> {
+    let operand_reg = |v: Value, fuser: &mut Fuser, lw: &mut Lowerer, value_reg: &mut HashMap<Value, u16>, inputs: &mut Vec<GroupInput>, params: &mut Vec<GroupParam>, preloaded: &mut Vec<u16>| -> Result<u16, NeuroError> {
         if let Some(&r) = value_reg.get(&v) {
             return Ok(r);
         }
@@ -615,7 +622,6 @@ fn subgraph(lw: &mut Lowerer, name: &str, nodes: &[NodeIndex], set: &BTreeSet<No
     if sg.outputs.is_empty() {
         return Err(NeuroError::Lower { layer: q.node(nodes[0]).name.clone(), msg: "a management/host stage computes nothing that is used".into() });
     }
-    let _ = DType::F32;
     let text = sparkc_ir::text::print(&sg)?;
     Ok((text, ins, outs, used))
 }

@@ -146,6 +146,8 @@ pub enum SynapseSource {
 pub struct SynapseLayer {
     pub name: String,
     pub source: SynapseSource,
+    /// Bits of the payloads arriving on the input axons.
+    pub payload_bits: u32,
     pub dest_group: u32,
     /// Index into the destination group's `inputs`.
     pub dest_input: u32,
@@ -242,6 +244,8 @@ pub struct SpikeProgram {
     /// The quantized IR this program was generated from (text form).
     pub source_ir: String,
     pub fx: Fx,
+    /// Frames per token of frame-rate groups.
+    pub frames_per_token: u32,
     /// The lookup tables the microcode reads.
     pub luts: Vec<(LutKind, Lut)>,
     pub buffers: Vec<Buffer>,
