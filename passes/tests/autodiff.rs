@@ -121,6 +121,13 @@ fn use_all(s: &mut Rng, mut e: Expr, must: &[String]) -> Expr {
     e
 }
 
+/// 3·tanh(e/3): the identity for small values, at most 3 in magnitude. Random maps end in it so
+/// that products and sums do not compound into huge values over several steps (where every
+/// smooth function looks like a step to a finite difference).
+fn soft_clamp(e: Expr) -> Expr {
+    bin(BinOp::Mul, cst(3.0), un(UnOp::Tanh, bin(BinOp::Div, e, cst(3.0))))
+}
+
 /// How random values are drawn.
 #[derive(Clone, Copy, Debug)]
 enum Gen {
@@ -560,7 +567,7 @@ impl Builder {
         }
         let vars: Vec<String> = (0..ops.len()).map(|i| format!("x{i}")).collect();
         let e = rand_smooth(&mut self.s, &vars, 3);
-        let e = use_all(&mut self.s, e, &vars);
+        let e = soft_clamp(use_all(&mut self.s, e, &vars));
         self.op1(Op::Map { expr: e }, &ops, "map")
     }
 
@@ -570,7 +577,7 @@ impl Builder {
         let y = self.linear(cur, c, false);
         let vars = vec!["x0".to_string(), "x1".to_string()];
         let e = rand_smooth(&mut self.s, &vars, 2);
-        let e = use_all(&mut self.s, e, &vars);
+        let e = soft_clamp(use_all(&mut self.s, e, &vars));
         self.op1(Op::Map { expr: e }, &[cur, y], "fanout")
     }
 
@@ -591,7 +598,7 @@ impl Builder {
 
     fn ponder(&mut self, f: Value) -> Value {
         let logits = self.linear(f, 1, true);
-        let pw = self.op(Op::PonderWeights { clamp: 1e-4, eps: 1e-8 }, &[logits], "ponder");
+        let pw = self.op(Op::PonderWeights { clamp: 1e-6, eps: 1e-8 }, &[logits], "ponder");
         let h = self.op1(Op::FrameWeightedSum, &[f, pw[0]], "frame_weighted_sum");
         let which = self.pick(3);
         if which > 0 {
@@ -655,13 +662,13 @@ impl Builder {
         let (model, step_inputs, param_gens, consumable, probes, margin): (NeuronModel, Vec<Value>, Vec<Gen>, Vec<String>, Vec<String>, Option<(String, f64)>) =
             match kind {
                 ScanKind::LifFar => {
-                    (neuron::lif(), vec![f], vec![Gen::U(0.3, 0.9), Gen::C(1000.0)], vec!["vpost".into(), "spike".into()], vec![], None)
+                    (neuron::lif(), vec![f], vec![Gen::U(0.2, 0.6), Gen::C(1000.0)], vec!["vpost".into(), "spike".into()], vec![], None)
                 }
                 ScanKind::Leaky => {
                     let mut m = neuron::lif();
                     m.name = "leaky".into();
                     m.reset = Reset::None;
-                    (m, vec![f], vec![Gen::U(0.3, 0.9), Gen::U(0.1, 0.5)], vec!["vpost".into()], vec![], None)
+                    (m, vec![f], vec![Gen::U(0.2, 0.6), Gen::U(0.1, 0.5)], vec!["vpost".into()], vec![], None)
                 }
                 ScanKind::Plif => (
                     neuron::plif(),
@@ -673,7 +680,7 @@ impl Builder {
                 ),
                 ScanKind::SelectivePlif => {
                     let p1 = self.param("sel_b", vec![cd(c)], Gen::U(-1.0, 1.0));
-                    let beta = self.map("sigmoid(x0 + x1)", &[f, p1]);
+                    let beta = self.map("0.8 * sigmoid(x0 + x1)", &[f, p1]);
                     let p2 = self.param("sel_u", vec![cd(c)], Gen::U(0.3, 1.0));
                     let u = self.map("x0 * x1", &[f, p2]);
                     let p3 = self.param("sel_t", vec![cd(c)], Gen::U(-1.0, 1.0));
@@ -688,7 +695,7 @@ impl Builder {
                         let p = self.param("y", vec![cd(c)], Gen::U(-1.0, 1.0));
                         let vars = vec!["x0".to_string(), "x1".to_string()];
                         let e = rand_smooth(&mut self.s, &vars, 2);
-                        let e = use_all(&mut self.s, e, &vars);
+                        let e = soft_clamp(use_all(&mut self.s, e, &vars));
                         ins.push(self.op1(Op::Map { expr: e }, &[f, p], "map"));
                     }
                     let gens = cm.model.params.iter().map(|_| Gen::U(-1.0, 1.0)).collect();
@@ -891,13 +898,13 @@ fn custom_model(s: &mut Rng, name: &str, dead: bool) -> CustomModel {
         let e = rand_smooth(s, &vars, 2);
         use_all(s, e, &inputs)
     };
-    // v = 0.9·σ(·)·v + tanh(drive): |v| stays O(10) even when every frame fires. Other
-    // expressions read v only through tanh(v): a product like atan(w)·2v with v ≈ 13 inside a
-    // tanh is a sign function of w, which finite differences cannot follow.
+    // v = 0.7·σ(·)·v + tanh(drive): |v| stays below 3.4 even when nothing resets it. Other
+    // expressions read v only through tanh(v): a product like atan(w)·2v with a large v inside
+    // a tanh is a sign function of w, which finite differences cannot follow.
     let squash_v = |e: Expr| e.substitute(&|n| (n == "v").then(|| un(UnOp::Tanh, var("v"))));
     let mut charge = vec![bind(
         "v",
-        bin(BinOp::Add, bin(BinOp::Mul, bin(BinOp::Mul, cst(0.9), un(UnOp::Sigmoid, decay_arg)), var("v")), un(UnOp::Tanh, drive)),
+        bin(BinOp::Add, bin(BinOp::Mul, bin(BinOp::Mul, cst(0.7), un(UnOp::Sigmoid, decay_arg)), var("v")), un(UnOp::Tanh, drive)),
     )];
     if has_w {
         let vars = strs(&["v", "w", "x"]);

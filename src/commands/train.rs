@@ -21,7 +21,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 pub struct Args {
     /// A TOML file with `model`, `tokenizer`, `[data]` and `[train]` (flags override it).
     #[arg(long)]
