@@ -2,14 +2,22 @@
 
 use anyhow::{bail, Result};
 use sparkc_backend_cpu::CpuProgram;
+use sparkc_backend_cuda::program::Precision;
 use sparkc_backend_cuda::{Gpu, GpuProgram};
 use sparkc_ir::Graph;
 use sparkc_runtime::Executor;
 
-pub fn executor(backend: &str, graph: &Graph) -> Result<Box<dyn Executor>> {
+/// `precision` is `f32` (exact, the default) or `bf16` (bf16 GEMM operands, CUDA only).
+pub fn executor(backend: &str, precision: &str, graph: &Graph) -> Result<Box<dyn Executor>> {
+    let precision = match precision {
+        "f32" => Precision::F32,
+        "bf16" if backend == "cuda" => Precision::Bf16,
+        "bf16" => bail!("--precision bf16 needs --backend cuda (the CPU backend is the fp32 oracle)"),
+        other => bail!("unknown precision `{other}` (use f32 or bf16)"),
+    };
     Ok(match backend {
         "cpu" => Box::new(CpuProgram::compile(graph)?),
-        "cuda" => Box::new(GpuProgram::compile(Gpu::new(0)?, graph)?),
+        "cuda" => Box::new(GpuProgram::compile_with(Gpu::new(0)?, graph, precision)?),
         other => bail!("unknown backend `{other}` (use cpu or cuda)"),
     })
 }

@@ -33,6 +33,10 @@ enum Command {
     Import(commands::nir::ImportArgs),
     /// Export to NIR: a NeuronSpark config + weights, or an IR text file + parameters.
     Export(commands::nir::ExportArgs),
+    /// Compile a model into a spike program for a neuromorphic target (quantize, legalize, place).
+    Compile(commands::compile::Args),
+    /// Run a spike program on the simulated chip; report energy, events and time; plot activity.
+    Simulate(commands::simulate::Args),
     /// Measure throughput: forward tokens/s and GEMM GFLOP/s.
     Bench(commands::bench::Args),
     /// The embedded default: build a tiny model from a seed, inspect it, generate from it.
@@ -49,6 +53,8 @@ fn main() -> ExitCode {
         Command::Train(a) => commands::train::run(a),
         Command::Import(a) => commands::nir::import(a),
         Command::Export(a) => commands::nir::export(a),
+        Command::Compile(a) => commands::compile::run(a),
+        Command::Simulate(a) => commands::simulate::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Demo(a) => commands::demo::run(a),
     };

@@ -22,3 +22,4 @@ pub enum RuntimeError {
     #[error("{0}")]
     Usage(String),
 }
+pub mod neuro;

@@ -5,6 +5,7 @@ use super::bench::Args;
 use crate::model_source::load_config;
 use anyhow::Result;
 use sparkc_backend_cuda::bench::time_scan_forward;
+use sparkc_backend_cuda::program::Precision;
 use sparkc_backend_cuda::{Gpu, GpuProgram};
 use sparkc_frontend::init::init_params;
 use sparkc_frontend::neuronspark::{build_graph, GraphOptions};
@@ -28,17 +29,42 @@ pub fn run(a: &Args) -> Result<()> {
     ];
     let mut scans = Vec::new();
     for (label, model, emit, c, original) in cases {
-        let t = time_scan_forward(&gpu, &model, &[emit.to_string()], 2, 8176, 16, c, 20)?;
-        println!("  {label:<44} {:>9} {:>9.3} {:>10.0}   (original {original} ms)", 2 * c, t.median_ms, t.gb_per_s());
-        scans.push(serde_json::json!({"scan": label, "columns": 2 * c, "ms": t.median_ms, "gb_per_s": t.gb_per_s(), "bytes": t.bytes, "original_ms": original}));
+        for unroll in [8usize, 16, 32] {
+            let t = time_scan_forward(&gpu, &model, &[emit.to_string()], 2, 8176, 16, c, 20, unroll)?;
+            let shown = format!("{label} [unroll {unroll}]");
+            println!("  {shown:<54} {:>7} {:>9.3} {:>10.0}   (original {original} ms)", 2 * c, t.median_ms, t.gb_per_s());
+            scans.push(serde_json::json!({"scan": label, "unroll": unroll, "columns": 2 * c, "ms": t.median_ms, "gb_per_s": t.gb_per_s(), "bytes": t.bytes, "original_ms": original}));
+        }
     }
     json.insert("scans_forward".into(), scans.into());
 
-    // 2. Prefill and decode on the model of --config (random init).
+    // 2. Prefill and decode on the model of --config (random init), in both GEMM precisions.
     let cfg = load_config(&a.config, None)?;
     let graph = build_graph(&cfg, &GraphOptions::default())?;
     let params = init_params(&cfg, 0);
-    let mut session = Session::new(GpuProgram::compile(Gpu::new(0)?, &graph)?, params);
+    for precision in [Precision::F32, Precision::Bf16] {
+        let session = Session::new(GpuProgram::compile_with(Gpu::new(0)?, &graph, precision)?, params.clone());
+        model_timings(a, &cfg, session, precision, &mut json)?;
+    }
+    println!("\ntraining on the CUDA backend: not available yet (gradient kernels are CPU-only)");
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&serde_json::Value::Object(json))?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn model_timings(
+    a: &Args,
+    cfg: &sparkc_frontend::NeuronSparkConfig,
+    mut session: Session<GpuProgram>,
+    precision: Precision,
+    json: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    let tag = match precision {
+        Precision::F32 => "f32",
+        Precision::Bf16 => "bf16",
+    };
     let ids = |b: usize, t: usize| Tensor::i64(vec![b, t], (0..b * t).map(|i| (i * 7919 % cfg.vocab_size) as i64).collect());
     let t = a.tokens;
     session.reset(1);
@@ -52,9 +78,9 @@ pub fn run(a: &Args) -> Result<()> {
     }
     prefill.sort_by(f64::total_cmp);
     let prefill_ms = prefill[prefill.len() / 2];
-    println!("\nmodel {} (D {}, layers {}, K {}), f32, end to end including host transfers", a.config, cfg.d, cfg.num_layers, cfg.k);
+    println!("\nmodel {} (D {}, layers {}, K {}), {tag} GEMMs, end to end including host transfers", a.config, cfg.d, cfg.num_layers, cfg.k);
     println!("  prefill B=1 T={t}: {prefill_ms:.1} ms");
-    json.insert("prefill_ms".into(), prefill_ms.into());
+    json.insert(format!("prefill_ms_{tag}"), prefill_ms.into());
     json.insert("prefill_tokens".into(), t.into());
     for b in [1usize, 8] {
         session.reset(b);
@@ -67,12 +93,7 @@ pub fn run(a: &Args) -> Result<()> {
         let secs = s.elapsed().as_secs_f64();
         let tps = (b * steps) as f64 / secs;
         println!("  decode B={b}: {:.1} ms/step, {tps:.1} tokens/s", secs / steps as f64 * 1e3);
-        json.insert(format!("decode_b{b}_tokens_per_s"), tps.into());
-    }
-    println!("\ntraining on the CUDA backend: not available yet (gradient kernels are CPU-only)");
-    if let Some(path) = &a.json {
-        std::fs::write(path, serde_json::to_string_pretty(&serde_json::Value::Object(json))?)?;
-        println!("wrote {}", path.display());
+        json.insert(format!("decode_b{b}_tokens_per_s_{tag}"), tps.into());
     }
     Ok(())
 }

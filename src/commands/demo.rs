@@ -47,6 +47,7 @@ pub fn run(a: Args) -> Result<()> {
             out: None,
             boundary: None,
             backend: "cpu".into(),
+            precision: "f32".into(),
         })?;
     }
     Ok(())

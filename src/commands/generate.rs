@@ -54,6 +54,9 @@ pub struct Args {
     /// Where to run: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     pub backend: String,
+    /// GEMM arithmetic on cuda: f32 (exact) or bf16 (bf16 operands, fp32 accumulation).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
 }
 
 fn prompt_rows(a: &Args, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<Vec<i64>>> {
@@ -92,7 +95,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let params = load_weights(&cfg, a.weights.as_deref(), a.init_seed)?;
     let graph = build_graph(&cfg, &GraphOptions::default())?;
-    let mut session = Session::new(crate::backend::executor(&a.backend, &graph)?, params);
+    let mut session = Session::new(crate::backend::executor(&a.backend, &a.precision, &graph)?, params);
     let mut sampler = Sampler::new(a.temperature, Some(a.top_k).filter(|&k| k > 0), a.top_p, a.seed);
     let bar = ProgressBar::new(a.max_new_tokens as u64);
     bar.set_style(ProgressStyle::with_template("{spinner} generating {pos}/{len} tokens [{elapsed_precise}] {per_sec}").expect("valid template"));

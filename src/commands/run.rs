@@ -33,6 +33,9 @@ pub struct Args {
     /// Where to run: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     pub backend: String,
+    /// GEMM arithmetic on cuda: f32 (exact) or bf16 (bf16 operands, fp32 accumulation).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
     /// Weight of the ponder cost in `total_loss`.
     #[arg(long, default_value_t = 0.01)]
     pub ponder_weight: f64,
@@ -89,7 +92,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.grads_out.is_some() {
         graph = differentiate(&graph, "total_loss", &[])?;
     }
-    let mut session = Session::new(crate::backend::executor(&a.backend, &graph)?, params);
+    let mut session = Session::new(crate::backend::executor(&a.backend, &a.precision, &graph)?, params);
     session.reset(b);
     let out = session.step(feed)?;
 

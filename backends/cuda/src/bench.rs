@@ -34,8 +34,8 @@ fn random(gpu: &Gpu, n: usize, lo: f32, hi: f32, seed: u64) -> Result<CudaSlice<
 }
 
 /// Time the forward scan of `model` emitting `emit` over [b, s, c] (k frames per token).
-pub fn time_scan_forward(gpu: &Gpu, model: &NeuronModel, emit: &[String], b: usize, s: usize, k: usize, c: usize, iters: usize) -> Result<ScanTiming, CudaError> {
-    let src = format!("{}{}", codegen::PRELUDE, codegen::scan_forward_kernel("bench_scan", model, emit, false));
+pub fn time_scan_forward(gpu: &Gpu, model: &NeuronModel, emit: &[String], b: usize, s: usize, k: usize, c: usize, iters: usize, unroll: usize) -> Result<ScanTiming, CudaError> {
+    let src = format!("{}{}", codegen::PRELUDE, codegen::scan_forward_kernel_unrolled("bench_scan", model, emit, false, unroll));
     let module = gpu.load(&src)?;
     let f = drv!(module.load_function("bench_scan"));
     let n = b * s * c;

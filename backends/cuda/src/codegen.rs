@@ -139,11 +139,16 @@ fn forward_step(model: &NeuronModel, emit: &[String]) -> String {
 
 /// Steps per unrolled group: the loads of a group are issued before its sequential math, so
 /// several frames of memory traffic are in flight per thread.
-pub const SCAN_UNROLL: usize = 8;
+pub const SCAN_UNROLL: usize = 16;
 
 /// The forward scan kernel: one thread per (batch row, channel); per-step inputs are [B,S,C].
 /// Signature: (inputs..., params..., init states..., outputs..., final states..., B, S, K, C).
 pub fn scan_forward_kernel(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool) -> String {
+    scan_forward_kernel_unrolled(name, model, emit, token_scope, SCAN_UNROLL)
+}
+
+/// [`scan_forward_kernel`] with `u` frames of loads issued ahead of the sequential math.
+pub fn scan_forward_kernel_unrolled(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool, u: usize) -> String {
     let mut s = String::new();
     let mut params = Vec::new();
     for n in &model.inputs {
@@ -162,7 +167,6 @@ pub fn scan_forward_kernel(name: &str, model: &NeuronModel, emit: &[String], tok
         params.push(format!("float* __restrict__ fin_{}", ident(&st.name)));
     }
     params.extend(["int B", "int S", "int K", "int C"].map(String::from));
-    let u = SCAN_UNROLL;
     let _ = writeln!(s, "extern \"C\" __global__ void {name}({}) {{", params.join(", "));
     let _ = writeln!(s, "  const long long col = blockIdx.x * (long long)blockDim.x + threadIdx.x;");
     let _ = writeln!(s, "  if (col >= (long long)B * C) return;");

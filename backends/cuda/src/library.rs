@@ -22,6 +22,15 @@ extern "C" __global__ void sp_mean_frames(float* out, const float* x, long long 
     }
 }
 
+/* f32 -> bf16 with round-to-nearest-even (bit arithmetic: NVRTC needs no toolkit header). */
+extern "C" __global__ void sp_to_bf16(unsigned short* out, const float* x, long long n) {
+    GRID_STRIDE(i, n) {
+        unsigned int u = __float_as_uint(x[i]);
+        unsigned int r = 0x7fffu + ((u >> 16) & 1u);
+        out[i] = (unsigned short)((u + r) >> 16);
+    }
+}
+
 extern "C" __global__ void sp_add_bias(float* y, const float* b, long long rows, int o) {
     GRID_STRIDE(i, rows * o) { y[i] += b[i % o]; }
 }

@@ -55,8 +55,21 @@ impl Slot<'_> {
     }
 }
 
+/// Arithmetic of the linear layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// fp32 GEMMs (no TF32): matches the CPU oracle to rounding; what the goldens check.
+    F32,
+    /// bf16 GEMM operands with fp32 accumulation and output, as the original's autocast; scans,
+    /// norms and the residual stream stay fp32.
+    Bf16,
+}
+
 pub struct GpuProgram {
     pub gpu: Gpu,
+    precision: Precision,
+    /// bf16 copies of the parameters that feed GEMMs (bf16 mode only).
+    params_bf16: BTreeMap<String, CudaSlice<u16>>,
     graph: Graph,
     order: Vec<NodeIndex>,
     module: Arc<CudaModule>,
@@ -89,15 +102,19 @@ macro_rules! drv {
 }
 
 impl GpuProgram {
-    /// Generate and compile the module for `graph` (verified first).
+    /// Generate and compile the module for `graph` (verified first), fp32 throughout.
     pub fn compile(gpu: Gpu, graph: &Graph) -> Result<GpuProgram, CudaError> {
+        GpuProgram::compile_with(gpu, graph, Precision::F32)
+    }
+
+    pub fn compile_with(gpu: Gpu, graph: &Graph, precision: Precision) -> Result<GpuProgram, CudaError> {
         sparkc_ir::verify::verify(graph).map_err(|e| CudaError::Unsupported(e.to_string()))?;
         let order = graph.topo_order().map_err(|e| CudaError::Unsupported(e.to_string()))?;
         let mut src = String::from(codegen::PRELUDE);
         src.push_str(LIBRARY);
         let mut names = vec![
             "sp_embedding", "sp_repeat_frames", "sp_mean_frames", "sp_add_bias", "sp_rms_norm", "sp_center_last",
-            "sp_ponder_weights", "sp_frame_weighted_sum", "sp_cross_entropy", "sp_masked_mean",
+            "sp_ponder_weights", "sp_frame_weighted_sum", "sp_cross_entropy", "sp_masked_mean", "sp_to_bf16",
         ]
         .into_iter()
         .map(String::from)
@@ -142,7 +159,7 @@ impl GpuProgram {
             let f = module.load_function(&name).map_err(|e| CudaError::Driver(format!("kernel {name}: {e:?}")))?;
             kernels.insert(name, f);
         }
-        Ok(GpuProgram { gpu, graph: graph.clone(), order, module, kernels, last_use, params: BTreeMap::new(), uploaded_from: BTreeMap::new() })
+        Ok(GpuProgram { gpu, precision, params_bf16: BTreeMap::new(), graph: graph.clone(), order, module, kernels, last_use, params: BTreeMap::new(), uploaded_from: BTreeMap::new() })
     }
 
     pub fn graph(&self) -> &Graph {
@@ -180,11 +197,64 @@ impl GpuProgram {
             let id = (host.as_ptr() as usize, host.len());
             if self.uploaded_from.get(name) != Some(&id) {
                 let d = self.upload(t)?;
+                if self.precision == Precision::Bf16 && t.shape.len() == 2 {
+                    let bf = self.to_bf16(d.f32().expect("uploaded f32"), host.len())?;
+                    self.params_bf16.insert(name.to_string(), bf);
+                }
                 self.params.insert(name.to_string(), d);
                 self.uploaded_from.insert(name.to_string(), id);
             }
         }
         Ok(())
+    }
+
+    fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>, CudaError> {
+        let mut out = drv!(self.gpu.stream.alloc_zeros::<u16>(n.max(1)));
+        let count = n as i64;
+        let mut b = self.gpu.stream.launch_builder(self.f("sp_to_bf16"));
+        b.arg(&mut out);
+        b.arg(x);
+        b.arg(&count);
+        // SAFETY: out and x hold n elements.
+        unsafe { drv!(b.launch(grid(n))) };
+        Ok(out)
+    }
+
+    /// y[M,O] = x[M,I]·w[O,I]ᵀ in bf16 with fp32 accumulation (cublasGemmEx).
+    fn gemm_bf16(&self, x: &CudaSlice<f32>, w: &CudaSlice<u16>, out: &mut CudaSlice<f32>, m: usize, i: usize, o: usize) -> Result<(), CudaError> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let xb = self.to_bf16(x, m * i)?;
+        let st = &self.gpu.stream;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (wp, _g1) = w.device_ptr(st);
+        let (xp, _g2) = xb.device_ptr(st);
+        let (yp, _g3) = out.device_ptr_mut(st);
+        // SAFETY: the pointers address o·i, m·i and m·o elements as the dimensions say.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.gpu.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                o as i32,
+                m as i32,
+                i as i32,
+                (&alpha) as *const f32 as *const _,
+                wp as *const _,
+                cudaDataType::CUDA_R_16BF,
+                i as i32,
+                xp as *const _,
+                cudaDataType::CUDA_R_16BF,
+                i as i32,
+                (&beta) as *const f32 as *const _,
+                yp as *mut _,
+                cudaDataType::CUDA_R_32F,
+                o as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| CudaError::Driver(format!("cuBLAS GemmEx: {e:?}")))
     }
 
     /// Run the graph on host inputs (parameters come from [`GpuProgram::set_params`]).
@@ -214,6 +284,7 @@ impl GpuProgram {
                 (DType::I64 | DType::I32, TensorData::F32(_)) => return Err(CudaError::Input(format!("`{name}` must be an integer tensor"))),
                 _ => t.clone(),
             };
+            self.check_ids(n, &t)?;
             fed.insert(n, self.upload(&t)?);
         }
         let mut values: HashMap<Value, Slot> = HashMap::new();
@@ -252,6 +323,34 @@ impl GpuProgram {
         Ok(out)
     }
 
+    /// Integer inputs that index a table (embedding ids, cross-entropy targets) must be in
+    /// range; checked on the host, where they come from, so the device never syncs for it.
+    fn check_ids(&self, input: NodeIndex, t: &Tensor) -> Result<(), CudaError> {
+        let Some(ids) = t.as_i64() else { return Ok(()) };
+        for e in self.graph.g.edges_directed(input, petgraph::Direction::Outgoing) {
+            use petgraph::visit::EdgeRef;
+            let consumer = self.graph.node(e.target());
+            let limit = match (&consumer.op, e.weight().dst) {
+                (Op::Embedding, 1) | (Op::CrossEntropy { .. }, 1) => {
+                    let table = self.graph.value_type(self.graph.operands(e.target())[0]);
+                    let dim = if matches!(consumer.op, Op::Embedding) { 0 } else { table.shape.rank() - 1 };
+                    table.shape.resolve(&self.graph.dims).dims()[dim].as_const()
+                }
+                _ => None,
+            };
+            let ignore = match consumer.op {
+                Op::CrossEntropy { ignore_index } => Some(ignore_index),
+                _ => None,
+            };
+            if let Some(v) = limit {
+                if let Some((pos, id)) = ids.iter().enumerate().find(|(_, &i)| Some(i) != ignore && (i < 0 || i as u64 >= v)) {
+                    return Err(CudaError::Input(format!("id {id} at position {pos} of `{}` is outside the vocabulary of {v}", self.graph.node(input).name)));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn f(&self, name: &str) -> &CudaFunction {
         &self.kernels[name]
     }
@@ -280,13 +379,9 @@ impl GpuProgram {
         match &node.op {
             Op::Embedding => {
                 let d = ins[0].shape()[1] as i32;
+                // Ids are checked against the table on the host before upload (`run`).
                 let ids = ins[1].i64().ok_or_else(|| bad("ids must be integers"))?;
-                let host_ids = drv!(st.clone_dtoh(ids));
-                let v = ins[0].shape()[0] as i64;
-                if let Some((pos, id)) = host_ids.iter().enumerate().find(|(_, &i)| i < 0 || i >= v) {
-                    return Err(bad(&format!("token id {id} at position {pos} is outside the vocabulary of {v}")));
-                }
-                let count = host_ids.len() as i64;
+                let count = numel(ins[1].shape()) as i64;
                 launch!(self.f("sp_embedding"), grid(out_n), &mut out, fl(0)?, ids, &count, &d);
             }
             Op::RepeatFrames { .. } => {
@@ -315,9 +410,16 @@ impl GpuProgram {
                     beta: 0.0f32,
                     ldc: o as i32,
                 };
+                let w_bf16 = match self.graph.node(self.graph.operands(n)[1].node).op {
+                    Op::Param { ref name } => self.params_bf16.get(name),
+                    _ => None,
+                };
                 if m > 0 && o > 0 && i > 0 {
-                    // SAFETY: the buffers hold o·i, m·i and m·o floats as the config says.
-                    unsafe { self.gpu.blas.gemm(cfg, fl(1)?, fl(0)?, &mut out) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
+                    match w_bf16 {
+                        Some(w) if self.precision == Precision::Bf16 => self.gemm_bf16(fl(0)?, w, &mut out, m, i, o)?,
+                        // SAFETY: the buffers hold o·i, m·i and m·o floats as the config says.
+                        _ => unsafe { self.gpu.blas.gemm(cfg, fl(1)?, fl(0)?, &mut out) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?,
+                    }
                 }
                 if *bias {
                     let (rows_, oi) = (m as i64, o as i32);
@@ -408,10 +510,6 @@ impl GpuProgram {
             Op::CrossEntropy { ignore_index } => {
                 let v = *ins[0].shape().last().unwrap_or(&1);
                 let targets = ins[1].i64().ok_or_else(|| bad("targets must be integers"))?;
-                let host_t = drv!(st.clone_dtoh(targets));
-                if let Some((pos, t)) = host_t.iter().enumerate().find(|(_, &t)| t != *ignore_index && (t < 0 || t as usize >= v)) {
-                    return Err(bad(&format!("target id {t} at position {pos} is outside the vocabulary of {v}")));
-                }
                 let vi = v as i32;
                 launch!(self.f("sp_cross_entropy"), rows(out_n, v), &mut out, fl(0)?, targets, &vi, ignore_index);
             }

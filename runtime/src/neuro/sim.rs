@@ -95,6 +95,9 @@ struct Counters {
     wall_s: f64,
 }
 
+/// Events of a group output, per (batch row, step), kept for groups of later stages.
+type Kept = HashMap<(u32, u32), Vec<Vec<(u32, i64)>>>;
+
 /// Events of batch row 0 for the raster and the activity plot.
 #[derive(Clone, Debug, Default)]
 pub struct Recording {
@@ -316,6 +319,7 @@ impl ChipSimulator {
 
     fn run_stages(&self, bufs: &mut [Option<Tensor>], bsz: usize, tokens: usize, cnt: &mut Counters, rec: &mut Recording) -> Result<(), SimError> {
         let t = &self.prog.target.timing;
+        let mut kept = Kept::new();
         for (si, st) in self.prog.stages.iter().enumerate() {
             match &self.stages[si] {
                 Some(exec) => {
@@ -351,7 +355,7 @@ impl ChipSimulator {
                     cnt.stages[si].time_s += time;
                     cnt.time_s += time;
                 }
-                None => self.run_neuro(si, bufs, bsz, tokens, cnt, rec)?,
+                None => self.run_neuro(si, bufs, &mut kept, bsz, tokens, cnt, rec)?,
             }
         }
         Ok(())
@@ -373,7 +377,7 @@ impl ChipSimulator {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run_neuro(&self, si: usize, bufs: &mut [Option<Tensor>], bsz: usize, tokens: usize, cnt: &mut Counters, rec: &mut Recording) -> Result<(), SimError> {
+    fn run_neuro(&self, si: usize, bufs: &mut [Option<Tensor>], kept: &mut Kept, bsz: usize, tokens: usize, cnt: &mut Counters, rec: &mut Recording) -> Result<(), SimError> {
         let p = &self.prog;
         let groups = &self.order[si];
         let k = p.frames_per_token as usize;
@@ -459,15 +463,8 @@ impl ChipSimulator {
                                 if self.stage_of_group[group as usize] == si {
                                     (&cur[&group][output as usize], Some(group))
                                 } else {
-                                    let st = stored.get(&(group, output)).map(|v| &v[b * steps + step]);
-                                    let kept = self.stored_events(group, output, b, step, steps, bufs);
-                                    match st {
-                                        Some(v) => (v.as_slice(), Some(group)),
-                                        None => {
-                                            scratch = kept?;
-                                            (scratch.as_slice(), Some(group))
-                                        }
-                                    }
+                                    let v = kept.get(&(group, output)).ok_or_else(|| SimError::Program(format!("events of `{}` are read before they are computed", p.groups[group as usize].name)))?;
+                                    (&v[b * steps + step], Some(group))
                                 }
                             }
                             SynapseSource::Buffer(buf) => {
@@ -675,24 +672,9 @@ impl ChipSimulator {
                 }
             }
         }
-        // Events for groups of later stages: kept as payload tensors under the output's name.
-        for ((g, oi), v) in stored {
-            self.keep_events(g, oi, v);
-        }
+        // Events for groups of later stages of this call.
+        kept.extend(stored);
         Ok(())
-    }
-
-    /// Events of a group output computed in an earlier stage of this call.
-    fn stored_events(&self, group: u32, output: u32, b: usize, step: usize, steps: usize, _bufs: &[Option<Tensor>]) -> Result<Vec<(u32, i64)>, SimError> {
-        let kept = self.kept.lock().map_err(|_| SimError::Program("event store poisoned".into()))?;
-        let v = kept.get(&(group, output)).ok_or_else(|| SimError::Program(format!("events of `{}` are read before they are computed", self.prog.groups[group as usize].name)))?;
-        Ok(v.get(b * steps + step).cloned().unwrap_or_default())
-    }
-
-    fn keep_events(&self, g: u32, oi: u32, v: Vec<Vec<(u32, i64)>>) {
-        if let Ok(mut kept) = self.kept.lock() {
-            kept.insert((g, oi), v);
-        }
     }
 
     /// The report of everything simulated since the last reset.
