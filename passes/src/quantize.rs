@@ -38,10 +38,17 @@ pub struct QuantConfig {
     pub state_bits: u32,
     /// Fractional bits of decays (e.g. 12: a decay is k/4096).
     pub decay_bits: u32,
-    /// Unsigned bits of a threshold in the fixed-point format.
+    /// Bits of a threshold's mantissa (aligned to the state's top bits).
     pub threshold_bits: u32,
+    /// Whether thresholds may be negative (a programmable compare) or are unsigned.
+    pub threshold_signed: bool,
     /// Fractional bits of the fixed-point format; `None` chooses them from the calibration.
     pub frac: Option<u32>,
+    /// Payload ranges are the calibrated clipping ranges times this, for values the sample
+    /// data did not show (2: one bit of range) ...
+    pub headroom: f64,
+    /// ... for payloads of at least this many bits (narrower ones need all their resolution).
+    pub headroom_min_bits: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -461,7 +468,11 @@ impl Rewriter<'_> {
             } else {
                 (self.cfg.act_bits, "activation")
             };
-            let clip = clip_per_channel(&stats, c, bits);
+            let mut clip = clip_per_channel(&stats, c, bits);
+            // Room for values the calibration did not see, where the payload has the bits.
+            if bits >= self.cfg.headroom_min_bits {
+                clip.iter_mut().for_each(|x| *x *= self.cfg.headroom);
+            }
             let qmax = ((1i64 << (bits - 1)) - 1) as f64;
             let unit: Vec<f64> = clip.iter().map(|&m| if m > 0.0 { m / qmax } else { 1.0 }).collect();
             // payload = x_q·mult / 2^shift with mult/2^shift = 1 / (unit·2^frac), mult < 2^24.
@@ -556,7 +567,13 @@ impl Rewriter<'_> {
                     }
                 }
                 let db = (self.cfg.decay_bits as f64).exp2();
-                let tmax = ((1u64 << self.cfg.threshold_bits.min(48)) - 1) as f64;
+                // A threshold is a `threshold_bits` mantissa shifted to the state's top bits
+                // (Loihi: 17 bits << 6 in a 24-bit state): its low bits are zero.
+                let tshift = (self.cfg.state_bits - 1).saturating_sub(self.cfg.threshold_bits);
+                let tstep = (tshift as f64).exp2();
+                let mant = if self.cfg.threshold_signed { self.cfg.threshold_bits.saturating_sub(1) } else { self.cfg.threshold_bits };
+                let tmax = ((1u64 << mant.min(47)) - 1) as f64 * tstep;
+                let tmin = if self.cfg.threshold_signed { -tmax } else { 0.0 };
                 for p in &qmodel.params {
                     let mut saturated = false;
                     let data: Vec<f32> = env
@@ -567,9 +584,12 @@ impl Rewriter<'_> {
                                 x = (x * db).round() / db;
                             }
                             let mut q = self.q(x);
-                            if thresholds.contains(p) && (q < 0.0 || q > tmax) {
-                                saturated = true;
-                                q = q.clamp(0.0, tmax);
+                            if thresholds.contains(p) {
+                                q = (q / tstep).round() * tstep;
+                                if q < tmin || q > tmax {
+                                    saturated = true;
+                                    q = q.clamp(tmin, tmax);
+                                }
                             }
                             q as f32
                         })

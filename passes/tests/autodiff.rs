@@ -497,22 +497,22 @@ impl Builder {
                 if frames {
                     self.op1(Op::MeanFrames, &[cur], "mean_frames")
                 } else {
-                    self.to_frames(cur)
+                    self.frames_of(cur)
                 }
             }
             5 => {
-                let f = self.to_frames(cur);
+                let f = self.frames_of(cur);
                 self.ponder(f)
             }
             6 => {
-                let f = self.to_frames(cur);
+                let f = self.frames_of(cur);
                 self.scan(f)
             }
             _ => self.fanout(cur),
         }
     }
 
-    fn to_frames(&mut self, cur: Value) -> Value {
+    fn frames_of(&mut self, cur: Value) -> Value {
         if self.dims(cur).len() == 4 {
             return cur;
         }
@@ -659,49 +659,50 @@ impl Builder {
         let c = self.last(f);
         let kind = self.scan_kind();
         let scope = self.forced_scope.unwrap_or_else(|| if self.coin(0.5) { StateScope::Sequence } else { StateScope::Token });
-        let (model, step_inputs, param_gens, consumable, probes, margin): (NeuronModel, Vec<Value>, Vec<Gen>, Vec<String>, Vec<String>, Option<(String, f64)>) =
-            match kind {
-                ScanKind::LifFar => {
-                    (neuron::lif(), vec![f], vec![Gen::U(0.2, 0.6), Gen::C(1000.0)], vec!["vpost".into(), "spike".into()], vec![], None)
+        // (model, per-step inputs, param value generators, consumable outputs, probes, margin)
+        type Setup = (NeuronModel, Vec<Value>, Vec<Gen>, Vec<String>, Vec<String>, Option<(String, f64)>);
+        let (model, step_inputs, param_gens, consumable, probes, margin): Setup = match kind {
+            ScanKind::LifFar => {
+                (neuron::lif(), vec![f], vec![Gen::U(0.2, 0.6), Gen::C(1000.0)], vec!["vpost".into(), "spike".into()], vec![], None)
+            }
+            ScanKind::Leaky => {
+                let mut m = neuron::lif();
+                m.name = "leaky".into();
+                m.reset = Reset::None;
+                (m, vec![f], vec![Gen::U(0.2, 0.6), Gen::U(0.1, 0.5)], vec!["vpost".into()], vec![], None)
+            }
+            ScanKind::Plif => (
+                neuron::plif(),
+                vec![f],
+                vec![Gen::N(0.0, 1.0), Gen::U(0.05, 0.4)],
+                vec!["vpost".into(), "leak".into()],
+                vec!["spike".into()],
+                None,
+            ),
+            ScanKind::SelectivePlif => {
+                let p1 = self.param("sel_b", vec![cd(c)], Gen::U(-1.0, 1.0));
+                let beta = self.map("0.8 * sigmoid(x0 + x1)", &[f, p1]);
+                let p2 = self.param("sel_u", vec![cd(c)], Gen::U(0.3, 1.0));
+                let u = self.map("x0 * x1", &[f, p2]);
+                let p3 = self.param("sel_t", vec![cd(c)], Gen::U(-1.0, 1.0));
+                let theta = self.map("0.1 + 0.4 * sigmoid(x1 - x0)", &[f, p3]);
+                (neuron::selective_plif(), vec![beta, u, theta], vec![], vec!["vpost".into()], vec!["spike".into()], None)
+            }
+            ScanKind::CustomDetached | ScanKind::CustomDead => {
+                let name = self.fresh("custom");
+                let cm = custom_model(&mut self.s, &name, kind == ScanKind::CustomDead);
+                let mut ins = vec![f];
+                if cm.model.inputs.len() > 1 {
+                    let p = self.param("y", vec![cd(c)], Gen::U(-1.0, 1.0));
+                    let vars = vec!["x0".to_string(), "x1".to_string()];
+                    let e = rand_smooth(&mut self.s, &vars, 2);
+                    let e = soft_clamp(use_all(&mut self.s, e, &vars));
+                    ins.push(self.op1(Op::Map { expr: e }, &[f, p], "map"));
                 }
-                ScanKind::Leaky => {
-                    let mut m = neuron::lif();
-                    m.name = "leaky".into();
-                    m.reset = Reset::None;
-                    (m, vec![f], vec![Gen::U(0.2, 0.6), Gen::U(0.1, 0.5)], vec!["vpost".into()], vec![], None)
-                }
-                ScanKind::Plif => (
-                    neuron::plif(),
-                    vec![f],
-                    vec![Gen::N(0.0, 1.0), Gen::U(0.05, 0.4)],
-                    vec!["vpost".into(), "leak".into()],
-                    vec!["spike".into()],
-                    None,
-                ),
-                ScanKind::SelectivePlif => {
-                    let p1 = self.param("sel_b", vec![cd(c)], Gen::U(-1.0, 1.0));
-                    let beta = self.map("0.8 * sigmoid(x0 + x1)", &[f, p1]);
-                    let p2 = self.param("sel_u", vec![cd(c)], Gen::U(0.3, 1.0));
-                    let u = self.map("x0 * x1", &[f, p2]);
-                    let p3 = self.param("sel_t", vec![cd(c)], Gen::U(-1.0, 1.0));
-                    let theta = self.map("0.1 + 0.4 * sigmoid(x1 - x0)", &[f, p3]);
-                    (neuron::selective_plif(), vec![beta, u, theta], vec![], vec!["vpost".into()], vec!["spike".into()], None)
-                }
-                ScanKind::CustomDetached | ScanKind::CustomDead => {
-                    let name = self.fresh("custom");
-                    let cm = custom_model(&mut self.s, &name, kind == ScanKind::CustomDead);
-                    let mut ins = vec![f];
-                    if cm.model.inputs.len() > 1 {
-                        let p = self.param("y", vec![cd(c)], Gen::U(-1.0, 1.0));
-                        let vars = vec!["x0".to_string(), "x1".to_string()];
-                        let e = rand_smooth(&mut self.s, &vars, 2);
-                        let e = soft_clamp(use_all(&mut self.s, e, &vars));
-                        ins.push(self.op1(Op::Map { expr: e }, &[f, p], "map"));
-                    }
-                    let gens = cm.model.params.iter().map(|_| Gen::U(-1.0, 1.0)).collect();
-                    (cm.model, ins, gens, cm.consumable, cm.probes, cm.margin)
-                }
-            };
+                let gens = cm.model.params.iter().map(|_| Gen::U(-1.0, 1.0)).collect();
+                (cm.model, ins, gens, cm.consumable, cm.probes, cm.margin)
+            }
+        };
         if !matches!(kind, ScanKind::LifFar) {
             self.case.spiking = true;
         }
@@ -912,7 +913,11 @@ fn custom_model(s: &mut Rng, name: &str, dead: bool) -> CustomModel {
         let e = squash_v(use_all(s, e, &strs(&["v"])));
         charge.push(bind(
             "w",
-            bin(BinOp::Add, bin(BinOp::Mul, cst(round3(s.uniform_range(0.3, 0.9))), var("w")), bin(BinOp::Mul, cst(0.5), un(UnOp::Tanh, e))),
+            bin(
+                BinOp::Add,
+                bin(BinOp::Mul, cst(round3(s.uniform_range(0.3, 0.9))), var("w")),
+                bin(BinOp::Mul, cst(0.5), un(UnOp::Tanh, e)),
+            ),
         ));
     }
     let mut thr_choices = vec![cst(round3(s.uniform_range(0.1, 0.6)))];
@@ -1024,8 +1029,11 @@ impl Stats {
 
     /// Fail unless every named op / feature occurred at least `min` times.
     fn require(&self, names: &[&str], min: usize) {
-        let missing: Vec<String> =
-            names.iter().filter(|n| self.coverage.get(**n).copied().unwrap_or(0) < min).map(|n| format!("{n}: {}", self.coverage.get(*n).copied().unwrap_or(0))).collect();
+        let missing: Vec<String> = names
+            .iter()
+            .filter(|n| self.coverage.get(**n).copied().unwrap_or(0) < min)
+            .map(|n| format!("{n}: {}", self.coverage.get(*n).copied().unwrap_or(0)))
+            .collect();
         assert!(missing.is_empty(), "the generator under-covers {missing:?} (wanted >= {min}); coverage: {:?}", self.coverage);
     }
 }
@@ -1056,8 +1064,7 @@ fn fd_check(case: &Case, tol: Tol, seed: u64) -> Result<Outcome, String> {
     // The gradient graph keeps every forward output, with the same values.
     for (name, t) in &base {
         let o = out.get(name).ok_or_else(|| format!("the gradient graph lost forward output `{name}`{}", ctx()))?;
-        let same = o.shape == t.shape
-            && o.to_f32_vec().iter().zip(t.to_f32_vec()).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()));
+        let same = o.shape == t.shape && o.to_f32_vec().iter().zip(t.to_f32_vec()).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()));
         if !same {
             return Err(format!("forward output `{name}` differs in the gradient graph{}", ctx()));
         }
@@ -1080,7 +1087,8 @@ fn fd_check(case: &Case, tol: Tol, seed: u64) -> Result<Outcome, String> {
         stats.spikes += v.iter().filter(|&&x| x != 0.0).count();
         stats.probe_elems += v.len();
     }
-    let mut targets: Vec<(String, bool)> = case.params.iter().filter(|(_, t)| t.as_f32().is_some()).map(|(n, _)| (n.clone(), false)).collect();
+    let mut targets: Vec<(String, bool)> =
+        case.params.iter().filter(|(_, t)| t.as_f32().is_some()).map(|(n, _)| (n.clone(), false)).collect();
     targets.extend(case.wrt.iter().map(|n| (n.clone(), true)));
     // Every float param and every requested input has a gradient output of its shape.
     let names: BTreeSet<String> = out.keys().filter(|k| k.starts_with(GRAD_PREFIX)).cloned().collect();
@@ -1153,10 +1161,8 @@ fn fd_check(case: &Case, tol: Tol, seed: u64) -> Result<Outcome, String> {
                     continue;
                 }
             }
-            failures.push(format!(
-                "grad.{name}[{i}] (of {:?}): autodiff {ad:.6}, finite difference {fd:.6} (half step: {half:?})",
-                t.shape
-            ));
+            failures
+                .push(format!("grad.{name}[{i}] (of {:?}): autodiff {ad:.6}, finite difference {fd:.6} (half step: {half:?})", t.shape));
         }
     }
     if !failures.is_empty() {
@@ -1168,7 +1174,10 @@ fn fd_check(case: &Case, tol: Tol, seed: u64) -> Result<Outcome, String> {
 
 /// Build and check `spec`; for dead-surrogate graphs, redraw the data (same structure) until
 /// no membrane is inside the surrogate's support.
-fn check_spec(spec: &Spec, flavor: Flavor, tol: Tol, tweak: &dyn Fn(&mut Builder)) -> Result<(Stats, Option<(Case, BTreeMap<String, Tensor>)>), String> {
+/// What a checked case leaves for further assertions: the case and its gradients.
+type Checked = Option<(Case, BTreeMap<String, Tensor>)>;
+
+fn check_spec(spec: &Spec, flavor: Flavor, tol: Tol, tweak: &dyn Fn(&mut Builder)) -> Result<(Stats, Checked), String> {
     for attempt in 0..6 {
         let case = build(spec, attempt, flavor, tweak);
         match fd_check(&case, tol, spec.seed)? {
@@ -1216,20 +1225,47 @@ fn run_property(cases: u32, max_steps: usize, flavor: Flavor, tol: Tol) -> Stats
 /// masked means and non-firing LIF / leaky-integrator scans.
 #[test]
 fn fd_random_smooth_graphs() {
-    let st = run_property(1200, 6, Flavor::Smooth, SMOOTH_TOL);
+    let st = run_property(2000, 6, Flavor::Smooth, SMOOTH_TOL);
     assert!(st.checked >= st.cases * 5, "too few coordinates checked: {st:?}");
     assert_eq!(st.skipped, 0, "smooth graphs should never flip a spike: {st:?}");
     let ops = [
-        "op:linear", "op:map", "op:rms_norm", "op:lateral_inhibition", "op:repeat_frames", "op:mean_frames", "op:center_last",
-        "op:ponder_weights", "op:frame_weighted_sum", "op:embedding", "op:cross_entropy", "op:masked_mean", "op:mean", "op:scan",
+        "op:linear",
+        "op:map",
+        "op:rms_norm",
+        "op:lateral_inhibition",
+        "op:repeat_frames",
+        "op:mean_frames",
+        "op:center_last",
+        "op:ponder_weights",
+        "op:frame_weighted_sum",
+        "op:embedding",
+        "op:cross_entropy",
+        "op:masked_mean",
+        "op:mean",
+        "op:scan",
     ];
     st.require(&ops, 5);
     st.require(
         &[
-            "linear with bias", "linear without bias", "map operand [C]", "map operand [1]", "map operand []", "map operand [...,1]",
-            "map operand [T,(1,)C]", "map operand full", "map operand is a gradient input", "ponder E[K] consumed", "scan LifFar",
-            "scan Leaky", "scope sequence", "scope token", "scan init is a gradient input", "scan final state consumed",
-            "head tied to the embedding", "ignored targets", "symbolic dims",
+            "linear with bias",
+            "linear without bias",
+            "map operand [C]",
+            "map operand [1]",
+            "map operand []",
+            "map operand [...,1]",
+            "map operand [T,(1,)C]",
+            "map operand full",
+            "map operand is a gradient input",
+            "ponder E[K] consumed",
+            "scan LifFar",
+            "scan Leaky",
+            "scope sequence",
+            "scope token",
+            "scan init is a gradient input",
+            "scan final state consumed",
+            "head tied to the embedding",
+            "ignored targets",
+            "symbolic dims",
         ],
         3,
     );
@@ -1239,16 +1275,31 @@ fn fd_random_smooth_graphs() {
 /// spike are skipped; most must still be checked, and the scans must actually fire.
 #[test]
 fn fd_random_spiking_graphs() {
-    let st = run_property(1200, 5, Flavor::Spiking, SPIKING_TOL);
+    let st = run_property(2000, 5, Flavor::Spiking, SPIKING_TOL);
     assert!(st.spiking_cases * 2 >= st.cases, "too few spiking graphs: {st:?}");
     assert!(st.spikes * 20 >= st.probe_elems, "the scans hardly fire: {st:?}");
     assert!(st.checked * 2 >= st.checked + st.skipped, "more than half of the coordinates were skipped: {st:?}");
     assert!(st.discarded * 5 <= st.cases, "too many dead-surrogate cases discarded: {st:?}");
     st.require(
         &[
-            "scan Plif", "scan SelectivePlif", "scan CustomDetached", "scan CustomDead", "scope sequence", "scope token",
-            "reset Subtract detached", "reset Subtract", "reset None detached", "surrogate sigmoid", "surrogate atan", "surrogate triangle",
-            "fire Ge", "fire Gt", "custom with 2 states", "custom with 3 states", "spike consumed (CustomDead)", "scan final state consumed",
+            "scan Plif",
+            "scan SelectivePlif",
+            "scan CustomDetached",
+            "scan CustomDead",
+            "scope sequence",
+            "scope token",
+            "reset Subtract detached",
+            "reset Subtract",
+            "reset None detached",
+            "surrogate sigmoid",
+            "surrogate atan",
+            "surrogate triangle",
+            "fire Ge",
+            "fire Gt",
+            "custom with 2 states",
+            "custom with 3 states",
+            "spike consumed (CustomDead)",
+            "scan final state consumed",
         ],
         3,
     );
@@ -1261,19 +1312,22 @@ fn fd_random_spiking_graphs() {
 // ------------------------------------------------------------------------------------------
 
 fn scope_strategy() -> impl Strategy<Value = (Spec, usize)> {
-    (any::<u64>(), (1..=3usize, 1..=3usize, 1..=3usize, 1..=6usize), any::<bool>(), 0..6usize).prop_map(|(seed, (b, t, k, c), symbolic, kind)| {
-        // Frames input, one scan, weighted loss.
-        (Spec { seed, b, t, k, c, start: 2, steps: vec![6], finish: 2, symbolic }, kind)
-    })
+    (any::<u64>(), (1..=3usize, 1..=3usize, 1..=3usize, 1..=6usize), any::<bool>(), 0..6usize).prop_map(
+        |(seed, (b, t, k, c), symbolic, kind)| {
+            // Frames input, one scan, weighted loss.
+            (Spec { seed, b, t, k, c, start: 2, steps: vec![6], finish: 2, symbolic }, kind)
+        },
+    )
 }
 
 /// The same single-scan graph and data under both scopes: both match finite differences; under
 /// token scope the initial states get exactly zero gradient (they are never read).
 #[test]
 fn fd_scan_adjoint_token_vs_sequence_scope() {
-    let kinds = [ScanKind::LifFar, ScanKind::Leaky, ScanKind::Plif, ScanKind::SelectivePlif, ScanKind::CustomDetached, ScanKind::CustomDead];
+    let kinds =
+        [ScanKind::LifFar, ScanKind::Leaky, ScanKind::Plif, ScanKind::SelectivePlif, ScanKind::CustomDetached, ScanKind::CustomDead];
     let total = RefCell::new(Stats::default());
-    let mut runner = TestRunner::new(config(400));
+    let mut runner = TestRunner::new(config(600));
     let result = runner.run(&scope_strategy(), |(spec, kind)| {
         let kind = kinds[kind];
         let flavor = if matches!(kind, ScanKind::LifFar | ScanKind::Leaky) { Flavor::Smooth } else { Flavor::Spiking };
@@ -1285,7 +1339,8 @@ fn fd_scan_adjoint_token_vs_sequence_scope() {
                 b.forced_scope = Some(scope);
                 b.finals_prob = 1.0;
             };
-            let (stats, checked) = check_spec(&spec, flavor, tol, &tweak).map_err(|e| TestCaseError::fail(format!("{scope:?} scope: {e}")))?;
+            let (stats, checked) =
+                check_spec(&spec, flavor, tol, &tweak).map_err(|e| TestCaseError::fail(format!("{scope:?} scope: {e}")))?;
             total.borrow_mut().add(&stats);
             per_scope.push(checked);
         }
@@ -1322,8 +1377,11 @@ fn token_scope_cuts_the_state_gradient_between_tokens() {
         g.set_output("loss", loss);
         g
     };
-    let inputs: BTreeMap<String, Tensor> =
-        [("x".to_string(), Tensor::f32(vec![1, 2, 2, 1], vec![0.1, 0.2, 0.3, 0.4])), ("v0".to_string(), Tensor::f32(vec![1, 1], vec![0.5]))].into();
+    let inputs: BTreeMap<String, Tensor> = [
+        ("x".to_string(), Tensor::f32(vec![1, 2, 2, 1], vec![0.1, 0.2, 0.3, 0.4])),
+        ("v0".to_string(), Tensor::f32(vec![1, 1], vec![0.5])),
+    ]
+    .into();
     let params: BTreeMap<String, Tensor> =
         [("beta".to_string(), Tensor::f32(vec![1], vec![0.5])), ("th".to_string(), Tensor::f32(vec![1], vec![1000.0]))].into();
     let grads = |scope| {
@@ -1410,7 +1468,11 @@ fn srg_autodiff(c: &Srg) -> BTreeMap<String, f64> {
     let th = g.param("th", ValueType::f32([1u64])).unwrap();
     let v0 = g.input("v0", ValueType::f32([1u64, 1]));
     let r = g
-        .add(Op::Scan { neuron: "srg".into(), emit: vec!["spike".into(), "vpost".into()], scope: StateScope::Sequence }, &[xs, beta, th, v0], "scan")
+        .add(
+            Op::Scan { neuron: "srg".into(), emit: vec!["spike".into(), "vpost".into()], scope: StateScope::Sequence },
+            &[xs, beta, th, v0],
+            "scan",
+        )
         .unwrap();
     let wo = g.param("wo", ValueType::f32([1u64, 1])).unwrap();
     let ls = g.add1(Op::Linear { bias: false }, &[r[0], wo], "readout").unwrap();
@@ -1434,9 +1496,7 @@ fn srg_autodiff(c: &Srg) -> BTreeMap<String, f64> {
     ]
     .into();
     let out = run_graph(&dg, &inputs, &params);
-    out.iter()
-        .filter_map(|(k, t)| k.strip_prefix(GRAD_PREFIX).map(|n| (n.to_string(), t.to_f32_vec()[0] as f64)))
-        .collect()
+    out.iter().filter_map(|(k, t)| k.strip_prefix(GRAD_PREFIX).map(|n| (n.to_string(), t.to_f32_vec()[0] as f64))).collect()
 }
 
 /// Hand-written backpropagation through the `Srg` recurrence (f64, the surrogate for ∂z/∂V).
@@ -1472,17 +1532,10 @@ fn srg_reference(c: &Srg) -> BTreeMap<String, f64> {
         gp += gv * c.xin[s];
         carry = gv * c.beta;
     }
-    [
-        ("p", gp),
-        ("beta", gbeta),
-        ("th", gth),
-        ("wo", z.iter().sum::<f64>() / nf),
-        ("wv", pre[1..].iter().sum::<f64>() / nf),
-        ("v0", carry),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), *v))
-    .collect()
+    [("p", gp), ("beta", gbeta), ("th", gth), ("wo", z.iter().sum::<f64>() / nf), ("wv", pre[1..].iter().sum::<f64>() / nf), ("v0", carry)]
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect()
 }
 
 fn assert_close_maps(got: &BTreeMap<String, f64>, want: &BTreeMap<String, f64>, what: &str) {
@@ -1504,7 +1557,19 @@ fn surrogate_gradient_one_step_matches_hand_computation() {
         for xin in [0.4, 0.1] {
             // V = 0.6·0.25 + 1.2·xin = 0.63 (fires, V − θ = 0.13) or 0.27 (silent, −0.23).
             for wv in [0.0, -0.4] {
-                let base = Srg { kind, alpha, detach: false, reset: Reset::Subtract, xin: vec![xin], p: 1.2, v0: 0.25, beta: 0.6, th: 0.5, wo: 0.7, wv };
+                let base = Srg {
+                    kind,
+                    alpha,
+                    detach: false,
+                    reset: Reset::Subtract,
+                    xin: vec![xin],
+                    p: 1.2,
+                    v0: 0.25,
+                    beta: 0.6,
+                    th: 0.5,
+                    wo: 0.7,
+                    wv,
+                };
                 let v = base.beta * base.v0 + base.p * xin;
                 let z = (v >= base.th) as u8 as f64;
                 let sg = surrogate_value(kind, alpha, v - base.th);
@@ -1518,7 +1583,8 @@ fn surrogate_gradient_one_step_matches_hand_computation() {
                     // Closed forms of the one-step case.
                     let dv_pre = c.wo * sg + c.wv * (1.0 - if detach { 0.0 } else { c.th * sg });
                     let dth = -c.wo * sg + c.wv * (-z + if detach { 0.0 } else { c.th * sg });
-                    let close = |g: f64, w: f64, n: &str| assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{what}: {n} = {g}, formula {w}");
+                    let close =
+                        |g: f64, w: f64, n: &str| assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{what}: {n} = {g}, formula {w}");
                     close(got["p"], dv_pre * xin, "grad.p");
                     close(got["v0"], dv_pre * c.beta, "grad.v0");
                     close(got["beta"], dv_pre * c.v0, "grad.beta");
@@ -1550,7 +1616,9 @@ fn surrogate_gradient_one_step_matches_hand_computation() {
 /// soft reset, reset to a value, and no reset.
 #[test]
 fn surrogate_gradient_multi_step_matches_hand_backprop() {
-    for (kind, alpha) in SURROGATES.into_iter().chain([(SurrogateKind::Sigmoid, 1.5), (SurrogateKind::Atan, 0.7), (SurrogateKind::Triangle, 0.8)]) {
+    for (kind, alpha) in
+        SURROGATES.into_iter().chain([(SurrogateKind::Sigmoid, 1.5), (SurrogateKind::Atan, 0.7), (SurrogateKind::Triangle, 0.8)])
+    {
         for reset in [Reset::Subtract, Reset::ToValue(-0.1), Reset::ToValue(0.2), Reset::None] {
             for detach in [false, true] {
                 for xin in [vec![0.4, -0.1, 0.5, 0.3], vec![0.2, 0.2, 0.2]] {
@@ -1609,8 +1677,6 @@ fn error_missing_input() {
 #[test]
 fn error_gradient_op_on_the_loss_path() {
     type Make = fn(&mut Graph) -> Value;
-    let p = |g: &mut Graph, n: &str, d: &[u64]| g.param(n, ValueType::f32(d.iter().copied())).unwrap();
-    let _ = p;
     fn par(g: &mut Graph, n: &str, d: &[u64]) -> Value {
         g.param(n, ValueType::f32(d.iter().copied())).unwrap()
     }
@@ -1679,10 +1745,7 @@ fn error_gradient_op_on_the_loss_path() {
         let loss = g.add1(Op::Mean, &[y], "mean").unwrap();
         g.set_output("loss", loss);
         let err = differentiate(&g, "loss", &[]).unwrap_err();
-        assert!(
-            matches!(&err, AutodiffError::Unsupported { op, node, .. } if op == name && node == "bad"),
-            "{name}: {err:?}"
-        );
+        assert!(matches!(&err, AutodiffError::Unsupported { op, node, .. } if op == name && node == "bad"), "{name}: {err:?}");
         let msg = err.to_string();
         assert!(msg.contains(&format!("`{name}`")) && msg.contains("`bad`"), "{name}: {msg}");
     }
@@ -1891,7 +1954,6 @@ fn scan_kernels_match_reference_on_a_scaled_delay_line() {
 /// with grad_p before carry_q reads it, so the gradient that should flow from p back into q
 /// (and on into x) is replaced by p's own gradient.
 #[test]
-#[ignore = "bug: scan adjoint carry write-back clobbers aliased state gradients (backends/cpu scan.rs)"]
 fn delay_line_gradient_state_order_v_p_q() {
     let m = delay_line(&["v", "p", "q"], "q");
     let (fwd, grad, detail) = single_scan_vs_reference(&m, &["vpost"], 5, 3, 12);
@@ -1904,7 +1966,6 @@ fn delay_line_gradient_state_order_v_p_q() {
 /// `charge p = q` the new p *is* q's state register; declared as [.., q, p], q's new value is
 /// copied in first and p then reads the new q instead of the old one (the delay collapses).
 #[test]
-#[ignore = "bug: scan forward state write-back is not a parallel assignment (backends/cpu scan.rs)"]
 fn delay_line_forward_state_order_v_q_p() {
     let m = delay_line(&["v", "q", "p"], "q");
     let (fwd, _, detail) = single_scan_vs_reference(&m, &["vpost"], 5, 3, 13);
@@ -1915,7 +1976,6 @@ fn delay_line_forward_state_order_v_q_p() {
 /// bare name bound to a state register (here `let prev = v`, the membrane before the step) is
 /// read from that register after the state write-back, so it emits the new v, not the old one.
 #[test]
-#[ignore = "bug: scan outputs aliasing a state register are read after the write-back (backends/cpu scan.rs)"]
 fn scan_output_reading_the_previous_state() {
     let m = NeuronModel {
         name: "prev".into(),
@@ -1935,4 +1995,3 @@ fn scan_output_reading_the_previous_state() {
     let (fwd, grad, detail) = single_scan_vs_reference(&m, &["vpost", "prev"], 4, 2, 14);
     assert!(fwd < 1e-5 && grad < 1e-3, "forward error {fwd}, gradient error {grad}: {detail}");
 }
-

@@ -11,8 +11,12 @@ use std::collections::BTreeMap;
 /// Something that runs a graph on named inputs: a CPU program or a GPU program.
 pub trait Executor {
     fn graph(&self) -> &Graph;
-    /// Run with `params` (a device executor keeps copies and re-uploads only what changed).
+    /// Run with `params`. A device executor keeps copies and re-uploads a parameter only when
+    /// its host buffer is another one, or after [`Executor::params_changed`].
     fn execute(&mut self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError>;
+
+    /// The parameters were updated in place (an optimizer step): device copies are stale.
+    fn params_changed(&mut self) {}
 }
 
 impl Executor for CpuProgram {
@@ -34,6 +38,10 @@ impl Executor for sparkc_backend_cuda::GpuProgram {
         self.set_params(params)?;
         Ok(self.run(inputs)?)
     }
+
+    fn params_changed(&mut self) {
+        self.forget_params();
+    }
 }
 
 impl Executor for Box<dyn Executor> {
@@ -43,6 +51,10 @@ impl Executor for Box<dyn Executor> {
 
     fn execute(&mut self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         (**self).execute(inputs, params)
+    }
+
+    fn params_changed(&mut self) {
+        (**self).params_changed()
     }
 }
 

@@ -46,7 +46,7 @@ pub fn run(a: &Args) -> Result<()> {
         let session = Session::new(GpuProgram::compile_with(Gpu::new(0)?, &graph, precision)?, params.clone());
         model_timings(a, &cfg, session, precision, &mut json)?;
     }
-    println!("\ntraining on the CUDA backend: not available yet (gradient kernels are CPU-only)");
+    println!("\ntraining at this size on the CUDA backend: not yet (no activation recompute, host-side optimizer); `sparkc train --backend cuda` runs smaller models");
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&serde_json::Value::Object(json))?)?;
         println!("wrote {}", path.display());

@@ -35,7 +35,7 @@ pub struct Args {
     pub out: PathBuf,
     /// Calibration data: a safetensors file with the model's inputs (`input_ids` [B,T] for
     /// NeuronSpark), or `synthetic:SEED:B:T` (windows of the built-in synthetic corpus).
-    #[arg(long, default_value = "synthetic:1:4:32")]
+    #[arg(long, default_value = "synthetic:1:8:64")]
     pub calib: String,
     /// Payload bits of the leak currents (neuron outputs sent as graded spikes).
     #[arg(long, default_value_t = 8)]
@@ -46,6 +46,10 @@ pub struct Args {
     /// Fractional bits of the fixed-point format (default: calibrated).
     #[arg(long)]
     pub frac: Option<u32>,
+    /// Payload ranges (of 6 bits or more) are the calibrated ranges times this, for values the
+    /// calibration data did not show.
+    #[arg(long, default_value_t = 2.0)]
+    pub headroom: f64,
     /// Also write the readable text dump of the program here.
     #[arg(long)]
     pub text: Option<PathBuf>,
@@ -97,7 +101,10 @@ pub fn run(a: Args) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let calib = load_inputs(&a.calib, vocab)?;
     let t1 = Instant::now();
-    let opts = CompileOptions { leak_bits: a.bits, act_bits: a.act_bits, frac: a.frac };
+    if !(a.headroom.is_finite() && a.headroom >= 1.0) {
+        bail!("--headroom must be at least 1, got {}", a.headroom);
+    }
+    let opts = CompileOptions { leak_bits: a.bits, act_bits: a.act_bits, frac: a.frac, headroom: a.headroom };
     let compiled = compile(&graph, &params, &calib, &target, &opts)?;
     drop(params);
     let compile_s = t1.elapsed().as_secs_f64();

@@ -215,7 +215,9 @@ impl sparkc_runtime::Executor for SimRef<'_> {
 }
 
 /// `sparkc generate --backend neuro`: generate on the simulated chip from a spike program.
+/// (Wired into `generate` by its owner; unused until then.)
 /// Returns the rows (prompt + generated) and the chip's report over the whole generation.
+#[allow(dead_code)]
 pub fn generate_on_chip(
     program: &Path,
     prompt: &[Vec<i64>],

@@ -7,7 +7,6 @@ use crate::plot::{line_chart, Series};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::style::RGBColor;
-use sparkc_backend_cpu::CpuProgram;
 use sparkc_frontend::corpus::{self, ShardDtype};
 use sparkc_frontend::neuronspark::{build_graph, compensate_gradients, GraphOptions};
 use sparkc_frontend::params::param_specs;
@@ -92,6 +91,9 @@ pub struct Args {
     /// No progress bar (for logs).
     #[arg(long)]
     pub quiet: bool,
+    /// Where the forward and backward passes run: cpu or cuda (the optimizer runs on the host).
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
 }
 
 /// The TOML file.
@@ -280,7 +282,7 @@ pub fn run(a: Args) -> Result<()> {
 
     let graph = build_graph(&cfg, &GraphOptions { with_loss: true, ponder_weight: tcfg.ponder_weight, debug_outputs: false })?;
     let graph = differentiate(&graph, "total_loss", &[])?;
-    let program = CpuProgram::compile(&graph)?;
+    let program = crate::backend::executor(if a.backend.is_empty() { "cpu" } else { &a.backend }, "f32", &graph)?;
     let neuron: Vec<String> = param_specs(&cfg).into_iter().filter(|s| s.neuron_group).map(|s| s.key).collect();
     let hook: Option<GradHook> = if tcfg.compensate {
         let (cfg2, c_max) = (cfg.clone(), tcfg.c_max);

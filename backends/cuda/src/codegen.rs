@@ -224,3 +224,112 @@ mod tests {
         assert!(m.contains("sp_softplus((a0 + a1))"), "{m}");
     }
 }
+
+/// The reverse scan kernel, from the model's adjoint step (`sparkc_ir::adjoint::derive`).
+/// One thread per (batch row, channel): it re-runs the forward scan writing the state before
+/// every step to `scratch`, then walks back in time.
+/// Signature: (inputs..., params..., init states..., grads of emitted outputs...,
+/// grads of final states..., scratch per state..., input grads..., param grads per row
+/// [B,C]..., init-state grads..., B, S, K, C).
+pub fn scan_adjoint_kernel(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool) -> Result<String, String> {
+    let step = sparkc_ir::adjoint::derive(model, emit)?;
+    let mut s = String::new();
+    let mut params = Vec::new();
+    let id = |n: &str| ident(n);
+    for n in &model.inputs {
+        params.push(format!("const float* __restrict__ in_{}", id(n)));
+    }
+    for n in &model.params {
+        params.push(format!("const float* __restrict__ p_{}", id(n)));
+    }
+    for st in &model.state {
+        params.push(format!("const float* __restrict__ init_{}", id(&st.name)));
+    }
+    for k in 0..emit.len() {
+        params.push(format!("const float* __restrict__ g_{k}"));
+    }
+    for st in &model.state {
+        params.push(format!("const float* __restrict__ gf_{}", id(&st.name)));
+    }
+    for st in &model.state {
+        params.push(format!("float* __restrict__ scratch_{}", id(&st.name)));
+    }
+    for n in &model.inputs {
+        params.push(format!("float* __restrict__ din_{}", id(n)));
+    }
+    for n in &model.params {
+        params.push(format!("float* __restrict__ dp_{}", id(n)));
+    }
+    for st in &model.state {
+        params.push(format!("float* __restrict__ dinit_{}", id(&st.name)));
+    }
+    params.extend(["int B", "int S", "int K", "int C"].map(String::from));
+    let _ = writeln!(s, "extern \"C\" __global__ void {name}({}) {{", params.join(", "));
+    let _ = writeln!(s, "  const long long col = blockIdx.x * (long long)blockDim.x + threadIdx.x;");
+    let _ = writeln!(s, "  if (col >= (long long)B * C) return;");
+    let _ = writeln!(s, "  const int b = (int)(col / C), c = (int)(col % C);");
+    let _ = writeln!(s, "  const long long base = (long long)b * S * C + c;");
+    for n in &model.params {
+        let _ = writeln!(s, "  const float {} = p_{}[c];", id(n), id(n));
+    }
+    // 1. Forward recompute, keeping the state before each step.
+    let _ = writeln!(s, "  {{");
+    for st in &model.state {
+        let _ = writeln!(s, "    float {} = init_{}[col];", id(&st.name), id(&st.name));
+    }
+    let _ = writeln!(s, "    for (int step = 0; step < S; ++step) {{");
+    if token_scope {
+        for st in &model.state {
+            let _ = writeln!(s, "      if (step % K == 0) {} = {};", id(&st.name), constant(st.init));
+        }
+    }
+    for st in &model.state {
+        let _ = writeln!(s, "      scratch_{0}[base + (long long)step * C] = {0};", id(&st.name));
+    }
+    for n in &model.inputs {
+        let _ = writeln!(s, "      const float {0} = in_{0}[base + (long long)step * C];", id(n));
+    }
+    s.push_str(&forward_step(model, &[]));
+    let _ = writeln!(s, "    }}\n  }}");
+    // 2. Reverse sweep.
+    for st in &model.state {
+        let _ = writeln!(s, "  float carry_{0} = gf_{0}[col];", id(&st.name));
+    }
+    for n in &model.params {
+        let _ = writeln!(s, "  double acc_{} = 0.0;", id(n));
+    }
+    let _ = writeln!(s, "  for (int step = S - 1; step >= 0; --step) {{");
+    let _ = writeln!(s, "    const long long at = base + (long long)step * C;");
+    for n in &model.inputs {
+        let _ = writeln!(s, "    const float {0} = in_{0}[at];", id(n));
+    }
+    for st in &model.state {
+        let _ = writeln!(s, "    const float {0} = scratch_{0}[at];", id(&st.name));
+        let _ = writeln!(s, "    const float {} = carry_{};", id(&sparkc_ir::adjoint::state_grad_name(&st.name)), id(&st.name));
+    }
+    for (k, o) in emit.iter().enumerate() {
+        let _ = writeln!(s, "    const float {} = g_{k}[at];", id(&sparkc_ir::adjoint::output_grad_name(o)));
+    }
+    for (n, e) in &step.bindings {
+        let _ = writeln!(s, "    const float {} = {};", id(n), expr(e, &|v| id(v)));
+    }
+    for (n, g) in model.inputs.iter().zip(&step.input_grads) {
+        let _ = writeln!(s, "    din_{}[at] = {};", id(n), id(g));
+    }
+    for (n, g) in model.params.iter().zip(&step.param_grads) {
+        let _ = writeln!(s, "    acc_{} += (double){};", id(n), id(g));
+    }
+    for (st, g) in model.state.iter().zip(&step.state_grads) {
+        let cut = if token_scope { "(step % K == 0) ? 0.0f : " } else { "" };
+        let _ = writeln!(s, "    carry_{} = {cut}{};", id(&st.name), id(g));
+    }
+    let _ = writeln!(s, "  }}");
+    for st in &model.state {
+        let _ = writeln!(s, "  dinit_{0}[col] = carry_{0};", id(&st.name));
+    }
+    for n in &model.params {
+        let _ = writeln!(s, "  dp_{0}[col] = (float)acc_{0};", id(n));
+    }
+    let _ = writeln!(s, "}}");
+    Ok(s)
+}

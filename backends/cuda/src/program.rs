@@ -115,6 +115,8 @@ impl GpuProgram {
         let mut names = vec![
             "sp_embedding", "sp_repeat_frames", "sp_mean_frames", "sp_add_bias", "sp_rms_norm", "sp_center_last",
             "sp_ponder_weights", "sp_frame_weighted_sum", "sp_cross_entropy", "sp_masked_mean", "sp_to_bf16",
+            "sp_sum_rows", "sp_sum_inner", "sp_embedding_grad", "sp_sum_frames", "sp_rms_norm_grad", "sp_ponder_weights_grad",
+            "sp_frame_weighted_sum_grad_frames", "sp_frame_weighted_sum_grad_weights", "sp_cross_entropy_grad", "sp_mean_grad",
         ]
         .into_iter()
         .map(String::from)
@@ -138,12 +140,27 @@ impl GpuProgram {
                     src.push_str(&codegen::scan_forward_kernel(&name, &graph.neurons[neuron], emit, token));
                     names.push(name);
                 }
+                Op::ScanAdjoint { neuron, emit, scope } => {
+                    let name = kernel_name("scan_adjoint", n);
+                    let token = *scope == sparkc_ir::StateScope::Token;
+                    let k = codegen::scan_adjoint_kernel(&name, &graph.neurons[neuron], emit, token).map_err(CudaError::Unsupported)?;
+                    src.push_str(&k);
+                    names.push(name);
+                }
+                Op::PonderWeightsGrad { .. } => {
+                    let k = graph.value_type(operands[2]).shape.resolve(&graph.dims).dims()[2].as_const();
+                    if k.is_none_or(|k| k > 64) {
+                        return Err(CudaError::Unsupported(format!("`{}`: the CUDA PonderNet gradient handles at most 64 frames", node.name)));
+                    }
+                }
                 Op::Input { .. } | Op::Param { .. } | Op::Embedding | Op::RepeatFrames { .. } | Op::MeanFrames | Op::Linear { .. }
                 | Op::RmsNorm { .. } | Op::LateralInhibition { .. } | Op::PonderWeights { .. } | Op::FrameWeightedSum
-                | Op::CenterLast | Op::CrossEntropy { .. } | Op::MaskedMean | Op::Mean => {}
+                | Op::CenterLast | Op::CrossEntropy { .. } | Op::MaskedMean | Op::Mean | Op::ZerosLike | Op::ReduceLike
+                | Op::LinearGradInput | Op::LinearGradWeight | Op::EmbeddingGrad | Op::SumFrames | Op::RmsNormGrad { .. }
+                | Op::FrameWeightedSumGrad | Op::CrossEntropyGrad { .. } | Op::MaskedMeanGrad | Op::MeanGrad => {}
                 other => {
                     return Err(CudaError::Unsupported(format!(
-                        "`{}` (node `{}`) has no CUDA kernel yet; the CUDA backend runs forward graphs",
+                        "`{}` (node `{}`) has no CUDA kernel yet",
                         other.name(),
                         node.name
                     )))
@@ -206,6 +223,12 @@ impl GpuProgram {
             }
         }
         Ok(())
+    }
+
+    /// Forget which host buffers the device copies came from, so the next
+    /// [`GpuProgram::set_params`] uploads everything again (after in-place updates).
+    pub fn forget_params(&mut self) {
+        self.uploaded_from.clear();
     }
 
     fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>, CudaError> {
@@ -521,6 +544,153 @@ impl GpuProgram {
                 let count = numel(ins[0].shape()) as i64;
                 let null = 0u64;
                 launch!(self.f("sp_masked_mean"), rows(1, 256), &mut out, fl(0)?, &null, &count);
+            }
+            Op::ZerosLike => {}
+            Op::ReduceLike => {
+                let (x_shape, like) = (ins[0].shape(), &shapes[0]);
+                let total = numel(x_shape) as i64;
+                match bcast_mode(like, x_shape) {
+                    Some((0, _)) => drv!(st.memcpy_dtod(fl(0)?, &mut out)),
+                    Some((1, m)) => {
+                        let (r, m) = (total / m as i64, m as i64);
+                        launch!(self.f("sp_sum_rows"), grid(m as usize), &mut out, fl(0)?, &r, &m);
+                    }
+                    Some((2, inner)) => {
+                        let (r, inner) = (numel(like) as i64, inner as i64);
+                        launch!(self.f("sp_sum_inner"), grid(r as usize), &mut out, fl(0)?, &r, &inner);
+                    }
+                    Some(_) => {
+                        let one = 1i64;
+                        launch!(self.f("sp_sum_inner"), grid(1), &mut out, fl(0)?, &one, &total);
+                    }
+                    None => return Err(bad("this broadcast has no CUDA reduction")),
+                }
+            }
+            Op::LinearGradInput => {
+                let (o, i) = (ins[1].shape()[0], ins[1].shape()[1]);
+                let m = numel(ins[0].shape()) / o.max(1);
+                // Column-major dxᵀ(I×M) = w'(I×O)·dy'(O×M).
+                let cfg = GemmConfig { transa: cublasOperation_t::CUBLAS_OP_N, transb: cublasOperation_t::CUBLAS_OP_N, m: i as i32, n: m as i32, k: o as i32, alpha: 1.0f32, lda: i as i32, ldb: o as i32, beta: 0.0f32, ldc: i as i32 };
+                if m > 0 && o > 0 && i > 0 {
+                    // SAFETY: w is o·i, dy is m·o and dx is m·i floats.
+                    unsafe { self.gpu.blas.gemm(cfg, fl(1)?, fl(0)?, &mut out) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
+                }
+            }
+            Op::LinearGradWeight => {
+                let o = *ins[0].shape().last().unwrap_or(&1);
+                let i = *ins[1].shape().last().unwrap_or(&1);
+                let m = numel(ins[0].shape()) / o.max(1);
+                // Column-major dwᵀ(I×O) = x'(I×M)·dy'ᵀ(M×O).
+                let cfg = GemmConfig { transa: cublasOperation_t::CUBLAS_OP_N, transb: cublasOperation_t::CUBLAS_OP_T, m: i as i32, n: o as i32, k: m as i32, alpha: 1.0f32, lda: i as i32, ldb: o as i32, beta: 0.0f32, ldc: i as i32 };
+                if m > 0 && o > 0 && i > 0 {
+                    // SAFETY: x is m·i, dy is m·o and dw is o·i floats.
+                    unsafe { self.gpu.blas.gemm(cfg, fl(1)?, fl(0)?, &mut out) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
+                }
+            }
+            Op::EmbeddingGrad => {
+                let (v, d) = (shapes[0][0], shapes[0][1]);
+                let ids = drv!(st.clone_dtoh(ins[1].i64().ok_or_else(|| bad("ids must be integers"))?));
+                // Group positions by id on the host so every table row sums its own, in order.
+                let mut offsets = vec![0i64; v + 1];
+                for &id in &ids {
+                    offsets[id as usize + 1] += 1;
+                }
+                for j in 0..v {
+                    offsets[j + 1] += offsets[j];
+                }
+                let mut fill = offsets.clone();
+                let mut positions = vec![0i64; ids.len()];
+                for (p, &id) in ids.iter().enumerate() {
+                    positions[fill[id as usize] as usize] = p as i64;
+                    fill[id as usize] += 1;
+                }
+                let offsets = drv!(st.clone_htod(&offsets));
+                let positions = drv!(st.clone_htod(&positions));
+                let (vv, di) = (v as i64, d as i32);
+                launch!(self.f("sp_embedding_grad"), grid(out_n), &mut out, fl(0)?, &offsets, &positions, &vv, &di);
+            }
+            Op::SumFrames => {
+                let s = ins[0].shape();
+                let (r, k, d) = ((s[0] * s[1]) as i64, s[2] as i32, s[3] as i32);
+                launch!(self.f("sp_sum_frames"), grid(out_n), &mut out, fl(0)?, &r, &k, &d);
+            }
+            Op::RmsNormGrad { eps } => {
+                let d = *shapes[0].last().unwrap_or(&1);
+                let r = out_n / d.max(1);
+                let mut dw_rows = self.alloc(out_n)?;
+                let mut dw = self.alloc(d)?;
+                let di = d as i32;
+                launch!(self.f("sp_rms_norm_grad"), rows(r, d), &mut out, &mut dw_rows, fl(0)?, fl(1)?, fl(2)?, &di, eps);
+                let (rr, dd) = (r as i64, d as i64);
+                launch!(self.f("sp_sum_rows"), grid(d), &mut dw, &dw_rows, &rr, &dd);
+                return Ok(vec![wrap(out, &shapes[0]), wrap(dw, &shapes[1])]);
+            }
+            Op::ScanAdjoint { neuron, .. } => {
+                let model = &self.graph.neurons[neuron];
+                let (ni, np, ns) = (model.inputs.len(), model.params.len(), model.state.len());
+                let s = ins[0].shape();
+                let (bsz, steps, k, c) = (s[0], s[1] * s[2], s[2], s[3]);
+                let frames = bsz * steps * c;
+                let mut scratch = (0..ns).map(|_| self.alloc(frames)).collect::<Result<Vec<_>, _>>()?;
+                let mut din = (0..ni).map(|_| self.alloc(frames)).collect::<Result<Vec<_>, _>>()?;
+                let mut dp_rows = (0..np).map(|_| self.alloc(bsz * c)).collect::<Result<Vec<_>, _>>()?;
+                let mut dinit = (0..ns).map(|_| self.alloc(bsz * c)).collect::<Result<Vec<_>, _>>()?;
+                let name = kernel_name("scan_adjoint", n);
+                let mut b = st.launch_builder(self.f(&name));
+                for (i, t) in ins.iter().enumerate() {
+                    b.arg(t.f32().ok_or_else(|| bad(&format!("operand {i} must be f32")))?);
+                }
+                for x in scratch.iter_mut().chain(din.iter_mut()).chain(dp_rows.iter_mut()).chain(dinit.iter_mut()) {
+                    b.arg(x);
+                }
+                let (bi, si, ki, ci) = (bsz as i32, steps as i32, k as i32, c as i32);
+                b.arg(&bi);
+                b.arg(&si);
+                b.arg(&ki);
+                b.arg(&ci);
+                let cfg = LaunchConfig { grid_dim: ((bsz * c).div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: the generated kernel's parameters are exactly these buffers and sizes.
+                unsafe { drv!(b.launch(cfg)) };
+                drop(b);
+                drop(scratch);
+                let mut res: Vec<DevTensor> = din.into_iter().enumerate().map(|(i, d)| wrap(d, &shapes[i])).collect();
+                for (j, rows_) in dp_rows.iter().enumerate() {
+                    let mut g = self.alloc(c)?;
+                    let (rr, cc) = (bsz as i64, c as i64);
+                    launch!(self.f("sp_sum_rows"), grid(c), &mut g, rows_, &rr, &cc);
+                    res.push(wrap(g, &shapes[ni + j]));
+                }
+                for (j, d) in dinit.into_iter().enumerate() {
+                    res.push(wrap(d, &shapes[ni + np + j]));
+                }
+                return Ok(res);
+            }
+            Op::PonderWeightsGrad { clamp, eps } => {
+                let k = ins[2].shape()[2] as i32;
+                let r = (out_n / k as usize) as i64;
+                launch!(self.f("sp_ponder_weights_grad"), grid(r as usize), &mut out, fl(0)?, fl(1)?, fl(2)?, &r, &k, clamp, eps);
+            }
+            Op::FrameWeightedSumGrad => {
+                let s = ins[1].shape();
+                let (r, k, d) = ((s[0] * s[1]) as i64, s[2] as i32, s[3] as i32);
+                let mut dw = self.alloc(numel(&shapes[1]))?;
+                launch!(self.f("sp_frame_weighted_sum_grad_frames"), grid(out_n), &mut out, fl(0)?, fl(2)?, &r, &k, &d);
+                launch!(self.f("sp_frame_weighted_sum_grad_weights"), rows(r as usize * k as usize, d as usize), &mut dw, fl(0)?, fl(1)?, &k, &d);
+                return Ok(vec![wrap(out, &shapes[0]), wrap(dw, &shapes[1])]);
+            }
+            Op::CrossEntropyGrad { ignore_index } => {
+                let v = *ins[1].shape().last().unwrap_or(&1);
+                let targets = ins[2].i64().ok_or_else(|| bad("targets must be integers"))?;
+                let vi = v as i32;
+                launch!(self.f("sp_cross_entropy_grad"), rows(out_n / v.max(1), v), &mut out, fl(0)?, fl(1)?, targets, &vi, ignore_index);
+            }
+            Op::MaskedMeanGrad => {
+                let count = out_n as i64;
+                launch!(self.f("sp_mean_grad"), rows(1, 256), &mut out, fl(0)?, fl(1)?, &count);
+            }
+            Op::MeanGrad => {
+                let (count, null) = (out_n as i64, 0u64);
+                launch!(self.f("sp_mean_grad"), rows(1, 256), &mut out, fl(0)?, &null, &count);
             }
             other => return Err(CudaError::Unsupported(format!("`{}` has no CUDA kernel yet", other.name()))),
         }

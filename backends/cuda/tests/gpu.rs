@@ -122,6 +122,63 @@ fn gpu_equals_cpu_on_random_small_configs() {
     }
 }
 
+/// The backward graph on the GPU gives the original's gradients (the same bar as the CPU).
+#[test]
+fn golden_gradients_match_on_the_gpu() {
+    let Some(_) = gpu_or_skip("golden_gradients_match_on_the_gpu") else { return };
+    let params = read_tensors(Path::new(&format!("{GOLDEN}/model.safetensors"))).unwrap();
+    for variant in ["leak", "vpost"] {
+        let cfg = NeuronSparkConfig::load(Path::new(&format!("{GOLDEN}/config_{variant}.json"))).unwrap();
+        let graph = build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap();
+        let graph = sparkc_passes::autodiff::differentiate(&graph, "total_loss", &[]).unwrap();
+        let io = read_tensors(Path::new(&format!("{GOLDEN}/io_{variant}.safetensors"))).unwrap();
+        let gold = read_tensors(Path::new(&format!("{GOLDEN}/grads_{variant}.safetensors"))).unwrap();
+        let mut inputs = zero_states(&graph, 2);
+        for k in ["input_ids", "target_ids"] {
+            inputs.insert(k.into(), io[k].clone());
+        }
+        inputs.insert("loss_mask".into(), Tensor::f32(vec![2, 8], io["loss_mask"].to_f32_vec()));
+        let mut prog = GpuProgram::compile(Gpu::new(0).unwrap(), &graph).unwrap();
+        prog.set_params(&params).unwrap();
+        let out = prog.run(&inputs).unwrap();
+        let mut worst = (0.0f64, String::new());
+        for (k, g) in &gold {
+            let err = rel_l2(&out[&format!("grad.{k}")].to_f32_vec(), &g.to_f32_vec());
+            if err > worst.0 {
+                worst = (err, k.clone());
+            }
+        }
+        println!("{variant}: worst gradient relative L2 {:e} ({})", worst.0, worst.1);
+        assert!(worst.0 < 1e-4, "{variant}: gradient of {} off by {:e}", worst.1, worst.0);
+    }
+}
+
+/// The first optimizer steps on the GPU reproduce the CPU run's losses.
+#[test]
+fn first_training_steps_match_the_cpu() {
+    let Some(_) = gpu_or_skip("first_training_steps_match_the_cpu") else { return };
+    use sparkc_runtime::train::{data::PackedData, Event, TrainConfig, Trainer};
+    let cfg = NeuronSparkConfig::tiny();
+    let graph = build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap();
+    let graph = sparkc_passes::autodiff::differentiate(&graph, "total_loss", &[]).unwrap();
+    let text = sparkc_frontend::corpus::synthetic(3, 20_000);
+    let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
+    let tcfg = TrainConfig { batch_size: 2, seq_len: 16, steps: 4, warmup: 0, checkpoint_every: 0, eval_every: 0, ..Default::default() };
+    let neuron: Vec<String> = sparkc_frontend::params::param_specs(&cfg).into_iter().filter(|s| s.neuron_group).map(|s| s.key).collect();
+    let dir = std::env::temp_dir().join(format!("sparkc-gpu-train-{}", std::process::id()));
+    let run = |exec: Box<dyn sparkc_runtime::Executor>| -> Vec<f64> {
+        let data = PackedData::new(tokens.clone(), 16, 0.05).unwrap();
+        let mut t = Trainer::new(exec, init_params(&cfg, 0), &neuron, data, tcfg.clone(), cfg.to_json(), None, &dir).unwrap();
+        (0..4).map(|_| match t.step().unwrap() { Event::Step { loss, .. } => loss, _ => unreachable!() }).collect()
+    };
+    let cpu = run(Box::new(CpuProgram::compile(&graph).unwrap()));
+    let gpu = run(Box::new(GpuProgram::compile(Gpu::new(0).unwrap(), &graph).unwrap()));
+    println!("losses cpu {cpu:?}\n       gpu {gpu:?}");
+    for (a, b) in cpu.iter().zip(&gpu) {
+        assert!(((a - b) / a).abs() < 1e-4, "cpu {cpu:?} vs gpu {gpu:?}");
+    }
+}
+
 #[test]
 fn bad_inputs_are_errors_on_the_gpu() {
     let Some(gpu) = gpu_or_skip("bad_inputs_are_errors_on_the_gpu") else { return };

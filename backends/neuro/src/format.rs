@@ -792,6 +792,9 @@ pub fn validate(p: &SpikeProgram) -> Result<(), FormatError> {
         }
         for o in &g.outputs {
             reg(o.reg, "output")?;
+            if o.bits > 32 {
+                return Err(w(format!("output `{}` has {}-bit payloads; at most 32", o.name, o.bits)));
+            }
             check_bits(o.bits, o.shift, &format!("group `{}` output `{}`", g.name, o.name))?;
             if o.mult.len() != c {
                 return Err(w(format!("output `{}` has {} multipliers for {c} neurons", o.name, o.mult.len())));
@@ -818,7 +821,10 @@ pub fn validate(p: &SpikeProgram) -> Result<(), FormatError> {
         if s.outputs != dest.channels || s.weights.len() as u64 != s.inputs as u64 * s.outputs as u64 || s.mult.len() != s.outputs as usize || s.bias.len() != s.outputs as usize {
             return Err(w(format!("sizes do not agree ({} inputs, {} outputs, {} weights, group of {})", s.inputs, s.outputs, s.weights.len(), dest.channels)));
         }
-        check_bits(s.bits.max(2), s.shift, &format!("synapse layer `{}`", s.name))?;
+        if s.bits < 2 {
+            return Err(w(format!("dendrite width {} bits is too small", s.bits)));
+        }
+        check_bits(s.bits, s.shift, &format!("synapse layer `{}`", s.name))?;
         match s.source {
             SynapseSource::Group { group, output } => {
                 let src = p.groups.get(group as usize).ok_or_else(|| w(format!("reads group {group}; there are {ng}")))?;

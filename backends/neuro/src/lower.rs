@@ -513,7 +513,10 @@ fn build_group(
             }
         }
     }
-    Ok(Group { name: q.node(first).name.clone(), channels: channels as u32, rate, microcode, inputs, params, state, outputs })
+    // Named after its neurons (the scans), or after the value it computes.
+    let scans: Vec<&str> = members.iter().filter(|&&m| matches!(q.node(m).op, Op::FixedScan { .. })).map(|&m| q.node(m).name.as_str()).collect();
+    let name = if scans.is_empty() { q.node(*members.last().expect("non-empty")).name.clone() } else { scans.join("+") };
+    Ok(Group { name, channels: channels as u32, rate, microcode, inputs, params, state, outputs })
 }
 
 /// Order the non-source nodes into stages: maximal runs of nodes that run in the same place,

@@ -22,11 +22,13 @@ pub struct CompileOptions {
     pub act_bits: Option<u32>,
     /// Fractional bits of the fixed-point format; default: calibrated.
     pub frac: Option<u32>,
+    /// Range headroom of payloads of 6 bits or more (see `QuantConfig::headroom`).
+    pub headroom: f64,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { leak_bits: 8, act_bits: None, frac: None }
+        CompileOptions { leak_bits: 8, act_bits: None, frac: None, headroom: 2.0 }
     }
 }
 
@@ -54,7 +56,10 @@ pub fn quant_config(target: &Target, opts: &CompileOptions) -> QuantConfig {
         state_bits: n.state_bits,
         decay_bits: n.decay_bits,
         threshold_bits: n.threshold_bits,
+        threshold_signed: n.threshold_signed,
         frac: opts.frac,
+        headroom: opts.headroom,
+        headroom_min_bits: 6,
     }
 }
 

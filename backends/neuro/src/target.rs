@@ -73,6 +73,8 @@ pub struct Numerics {
     pub state_bits: u32,
     pub decay_bits: u32,
     pub threshold_bits: u32,
+    /// Whether a threshold may be negative (a programmable compare) or is unsigned.
+    pub threshold_signed: bool,
     /// Payload bits of a graded spike; 1 means binary spikes only.
     pub graded_spike_bits: u32,
 }

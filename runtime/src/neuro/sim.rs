@@ -485,8 +485,8 @@ impl ChipSimulator {
                             let o = layer.outputs as usize;
                             let base = axon as usize * o;
                             match &layer.weights {
-                                Weights::I8(w) => a.iter_mut().zip(&w[base..base + o]).for_each(|(x, &wv)| *x += wv as i64 * pay),
-                                Weights::I16(w) => a.iter_mut().zip(&w[base..base + o]).for_each(|(x, &wv)| *x += wv as i64 * pay),
+                                Weights::I8(w) => a.iter_mut().zip(&w[base..base + o]).for_each(|(x, &wv)| *x = x.wrapping_add((wv as i64).wrapping_mul(pay))),
+                                Weights::I16(w) => a.iter_mut().zip(&w[base..base + o]).for_each(|(x, &wv)| *x = x.wrapping_add((wv as i64).wrapping_mul(pay))),
                             }
                             let (src_site, extra) = match (src, buffer_site) {
                                 (Some(sg), _) => (self.geo.site(self.soma[sg as usize][axon as usize]), 0),

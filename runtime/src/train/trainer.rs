@@ -175,6 +175,7 @@ impl<E: Executor> Trainer<E> {
             }
         }
         self.params = loaded.params;
+        self.exec.params_changed();
         self.opt.load_state(loaded.state.optimizer_t, &loaded.optimizer).map_err(TrainError::Config)?;
         self.state = loaded.state;
         Ok(())
@@ -251,6 +252,7 @@ impl<E: Executor> Trainer<E> {
         let grad_norm = clip_grad_norm(&mut grads, self.cfg.clip);
         let lr = self.schedule().lr(self.state.micro - 1);
         self.opt.step(&mut self.params, &grads, lr, &self.groups);
+        self.exec.params_changed();
         self.state.step += 1;
         self.state.tokens_seen += tokens;
         self.state.optimizer_t = self.opt.t;

@@ -587,7 +587,8 @@ pub fn synapse_linear(p: &[i64], w: &[f32], mult: &[f32], bias: Option<&[f32]>, 
         let events: Vec<(usize, i64)> = p[r * i..(r + 1) * i].iter().enumerate().filter(|(_, &v)| v != 0).map(|(k, &v)| (k, v)).collect();
         for (oi, y) in row.iter_mut().enumerate() {
             let wrow = &wi[oi * i..(oi + 1) * i];
-            let acc: i64 = events.iter().map(|&(k, v)| wrow[k] * v).sum();
+            // The accumulator wraps at 64 bits (defined, and the same on the simulated chip).
+            let acc = events.iter().fold(0i64, |a, &(k, v)| a.wrapping_add(wrow[k].wrapping_mul(v)));
             *y = dendrite(acc, mi[oi], shift, bi[oi], bits);
         }
     });

@@ -63,16 +63,28 @@ pub fn compile(model: &NeuronModel, emit: &[String], scope: StateScope) -> Resul
         let r = c.expr(&e).map_err(fail)?;
         c.bind(&model.membrane, r);
     }
+    // Outputs get registers of their own: a bare name may share a state register, which the
+    // write-back below overwrites.
     let mut outs = Vec::new();
     for name in emit {
         let b = model.output(name).ok_or_else(|| format!("neuron `{}` has no output `{name}`", model.name))?;
-        outs.push(c.expr(&b.expr).map_err(fail)?);
+        let r = c.expr(&b.expr).map_err(fail)?;
+        let own = c.alloc();
+        c.copy(own, r);
+        outs.push(own);
     }
-    // Write the step's state back. A state that was not charged is still bound to its own
-    // register, so the copy is skipped and outputs that read it see the same value.
-    for (i, n) in state_names.iter().enumerate() {
-        let cur = c.reg_of(n).expect("state names are bound");
-        c.copy(state[i], cur);
+    // Write the step's state back as a parallel assignment (through temporaries): a charge like
+    // `p = q` binds p to q's register, which q's own write-back would otherwise clobber first.
+    let temps: Vec<u16> = state_names
+        .iter()
+        .map(|n| {
+            let t = c.alloc();
+            c.copy(t, c.reg_of(n).expect("state names are bound"));
+            t
+        })
+        .collect();
+    for (i, t) in temps.into_iter().enumerate() {
+        c.copy(state[i], t);
     }
     let prog = c.finish();
     Ok(CompiledScan {
@@ -242,10 +254,21 @@ pub fn compile_adjoint(model: &NeuronModel, emit: &[String], scope: StateScope) 
         let r = c.expr(e).map_err(|e| format!("adjoint of `{}`: {e}", model.name))?;
         c.bind(name, r);
     }
-    let reg = |c: &Compiler, names: &[String]| names.iter().map(|n| c.reg_of(n).expect("gradient bindings exist")).collect::<Vec<_>>();
-    let input_grads = reg(&c, &step.input_grads);
-    let param_grads = reg(&c, &step.param_grads);
-    let state_grads = reg(&c, &step.state_grads);
+    // Each gradient in a register of its own: a bare name may resolve to a carry register,
+    // which the per-state carry update after the step would overwrite before it is read.
+    let reg = |c: &mut Compiler, names: &[String]| {
+        names
+            .iter()
+            .map(|n| {
+                let own = c.alloc();
+                c.copy(own, c.reg_of(n).expect("gradient bindings exist"));
+                own
+            })
+            .collect::<Vec<_>>()
+    };
+    let input_grads = reg(&mut c, &step.input_grads);
+    let param_grads = reg(&mut c, &step.param_grads);
+    let state_grads = reg(&mut c, &step.state_grads);
     Ok(CompiledScanAdjoint { forward, prog: c.finish(), inputs, params, state, out_grads, carry, input_grads, param_grads, state_grads, scope })
 }
 
