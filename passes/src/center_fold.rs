@@ -7,10 +7,10 @@
 use sparkc_ir::{Graph, IrError, Op, Tensor, Value, ValueType};
 use std::collections::BTreeMap;
 
-/// The layers that were folded (node names of the linears).
-pub fn fold_centering(graph: &Graph, params: &BTreeMap<String, Tensor>) -> Result<(Graph, BTreeMap<String, Tensor>, Vec<String>), IrError> {
+/// Returns the folded graph and the layers that were folded (node names of the linears); the
+/// centered weights are added to `params` as `<name>.centered` (the originals stay).
+pub fn fold_centering(graph: &Graph, params: &mut BTreeMap<String, Tensor>) -> Result<(Graph, Vec<String>), IrError> {
     let mut g = graph.clone();
-    let mut params = params.clone();
     let mut folded = Vec::new();
     for n in graph.topo_order()? {
         if !matches!(g.node(n).op, Op::CenterLast) {
@@ -40,7 +40,7 @@ pub fn fold_centering(graph: &Graph, params: &BTreeMap<String, Tensor>) -> Resul
             g.g.add_edge(nv.node, lin, port);
             Ok(())
         };
-        replace(1, &mut g, &mut params, &|w: &Tensor| {
+        replace(1, &mut g, params, &|w: &Tensor| {
             let (o, i) = (w.shape[0], w.shape[1]);
             let d = w.as_f32().unwrap_or_default();
             let mut out = d.to_vec();
@@ -53,7 +53,7 @@ pub fn fold_centering(graph: &Graph, params: &BTreeMap<String, Tensor>) -> Resul
             Tensor::f32(w.shape.clone(), out)
         })?;
         if bias {
-            replace(2, &mut g, &mut params, &|b: &Tensor| {
+            replace(2, &mut g, params, &|b: &Tensor| {
                 let d = b.as_f32().unwrap_or_default();
                 let mean = d.iter().map(|&x| x as f64).sum::<f64>() / d.len().max(1) as f64;
                 Tensor::f32(b.shape.clone(), d.iter().map(|&x| (x as f64 - mean) as f32).collect())
@@ -78,5 +78,5 @@ pub fn fold_centering(graph: &Graph, params: &BTreeMap<String, Tensor>) -> Resul
         g.g.remove_node(n);
     }
     sparkc_ir::verify::verify(&g)?;
-    Ok((g, params, folded))
+    Ok((g, folded))
 }

@@ -256,7 +256,10 @@ struct Payload {
 
 struct Rewriter<'a> {
     src: &'a Graph,
-    params: &'a BTreeMap<String, Tensor>,
+    /// The float parameters; a native layer's weights are taken out and quantized in place.
+    params: BTreeMap<String, Tensor>,
+    /// How many operands read each parameter (a weight read once can be taken).
+    param_uses: HashMap<String, usize>,
     cal: &'a Calibration,
     cfg: &'a QuantConfig,
     native: BTreeSet<NodeIndex>,
@@ -274,7 +277,9 @@ struct Rewriter<'a> {
     report: QuantReport,
 }
 
-pub fn quantize(g: &Graph, params: &BTreeMap<String, Tensor>, cal: &Calibration, cfg: &QuantConfig) -> Result<Quantized, QuantError> {
+/// Quantize `g`. The parameters are taken: weights that only one layer reads are rounded in
+/// place (a large model is not copied).
+pub fn quantize(g: &Graph, params: BTreeMap<String, Tensor>, cal: &Calibration, cfg: &QuantConfig) -> Result<Quantized, QuantError> {
     if !(2..=48).contains(&cfg.state_bits) || !(2..=16).contains(&cfg.weight_bits) {
         return Err(QuantError::Msg(format!("state bits must be 2..=48 and weight bits 2..=16, got {} and {}", cfg.state_bits, cfg.weight_bits)));
     }
@@ -290,9 +295,18 @@ pub fn quantize(g: &Graph, params: &BTreeMap<String, Tensor>, cal: &Calibration,
     };
     let mut out = Graph::new(&format!("{}_q", g.name));
     out.dims = g.dims.clone();
+    let mut param_uses: HashMap<String, usize> = HashMap::new();
+    for n in g.g.node_indices() {
+        for v in g.operands(n) {
+            if let Op::Param { name } = &g.node(v.node).op {
+                *param_uses.entry(name.clone()).or_default() += 1;
+            }
+        }
+    }
     let mut rw = Rewriter {
         src: g,
         params,
+        param_uses,
         cal,
         cfg,
         native,
@@ -356,6 +370,15 @@ impl Rewriter<'_> {
         (x * (self.frac as f64).exp2()).clamp(-m, m).round()
     }
 
+    /// A parameter's tensor to rewrite: moved out when this is its last reader, else copied.
+    fn take_param(&mut self, v: Value) -> Result<Tensor, QuantError> {
+        let (name, _) = self.src_param(v)?;
+        let name = name.to_string();
+        let uses = self.param_uses.get_mut(&name).expect("counted");
+        *uses -= 1;
+        Ok(if *uses == 0 { self.params.remove(&name).expect("checked") } else { self.params[&name].clone() })
+    }
+
     fn src_param(&self, v: Value) -> Result<(&str, &Tensor), QuantError> {
         let node = self.src.node(v.node);
         let Op::Param { name } = &node.op else {
@@ -366,6 +389,14 @@ impl Rewriter<'_> {
             return Err(QuantError::Msg(format!("parameter `{name}` must be f32")));
         }
         Ok((name, t))
+    }
+
+    /// A new parameter from a tensor.
+    fn const_tensor(&mut self, name: &str, t: Tensor) -> Result<Value, QuantError> {
+        let v = self.out.param(name, ValueType::f32(t.shape.clone()))?;
+        self.qparams.insert(name.to_string(), t);
+        self.qparam_of.insert(name.to_string(), v);
+        Ok(v)
     }
 
     /// A new f32 parameter of integer values.
@@ -634,12 +665,19 @@ impl Rewriter<'_> {
             }
             Op::Linear { bias } => {
                 let p = self.payload(ops[0])?;
-                let (_, wt) = self.src_param(ops[1])?;
+                let mut wt = self.take_param(ops[1])?;
                 let (o, i) = (wt.shape[0], wt.shape[1]);
-                let w = wt.as_f32().expect("checked");
-                let eff: Vec<f64> = (0..o * i).map(|k| w[k] as f64 * p.scale[k % i]).collect();
+                let w = wt.as_f32_mut().expect("checked");
                 let wmax = ((1i64 << (self.cfg.weight_bits - 1)) - 1) as f64;
-                let row_max: Vec<f64> = (0..o).map(|r| eff[r * i..(r + 1) * i].iter().fold(0f64, |a, x| a.max(x.abs()))).collect();
+                // The effective weight w·(input unit) is what the integer sum multiplies.
+                let scale = &p.scale;
+                let row_max: Vec<f64> = {
+                    let w: &[f32] = w;
+                    par_rows(o, |rows| {
+                        rows.map(|r| w[r * i..(r + 1) * i].iter().zip(scale).fold(0f64, |a, (&x, &s)| a.max((x as f64 * s).abs()))).collect::<Vec<_>>()
+                    })
+                    .concat()
+                };
                 let unit: Vec<f64> = match self.cfg.weight_scale {
                     WeightScale::PerChannel => row_max.iter().map(|&m| if m > 0.0 { m / wmax } else { 1.0 }).collect(),
                     WeightScale::PerLayerPow2 => {
@@ -648,18 +686,14 @@ impl Rewriter<'_> {
                         vec![u; o]
                     }
                 };
-                let wq: Vec<f32> = (0..o * i).map(|k| (eff[k] / unit[k / i]).round().clamp(-wmax, wmax) as f32).collect();
-                let mut e = ErrAcc::default();
-                for k in 0..o * i {
-                    e.add(eff[k] / p.scale[k % i], wq[k] as f64 * unit[k / i] / p.scale[k % i]);
-                }
+                let e = quantize_rows(w, scale, &unit, wmax, i);
                 self.report.layers.push(e.finish(&node.name, "weights", self.cfg.weight_bits, o));
                 // y_q = acc·unit·2^frac = acc·mult / 2^shift, mult < 2^24.
                 let two_f = (fr as f64).exp2();
                 let max_r = unit.iter().map(|&u| u * two_f).fold(0f64, f64::max);
                 let shift = (23.0 - max_r.log2()).floor().clamp(0.0, 62.0) as u32;
                 let mult: Vec<f32> = unit.iter().map(|&u| (u * two_f * (shift as f64).exp2()).round().min((1u64 << 24) as f64 - 1.0) as f32).collect();
-                let wv = self.const_param(&format!("{}.weight.q", self.labels[&n]), vec![o, i], wq)?;
+                let wv = self.const_tensor(&format!("{}.weight.q", self.labels[&n]), wt)?;
                 let mv = self.const_param(&format!("{}.dendrite_mult", self.labels[&n]), vec![o], mult)?;
                 let mut operands = vec![p.value, wv, mv];
                 if *bias {
@@ -674,6 +708,49 @@ impl Rewriter<'_> {
         }
         Ok(())
     }
+}
+
+/// Run `f` over `n` rows split into one contiguous range per available core.
+fn par_rows<T: Send>(n: usize, f: impl Fn(std::ops::Range<usize>) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
+    let per = n.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n.div_ceil(per)).map(|t| {
+            let f = &f;
+            s.spawn(move || f(t * per..((t + 1) * per).min(n)))
+        }).collect();
+        handles.into_iter().map(|h| h.join().expect("a quantization thread panicked")).collect()
+    })
+}
+
+/// Round each row of w·scale to its unit, clamped to ±wmax, in place; the error of the
+/// weights (in their own units) is returned.
+fn quantize_rows(w: &mut [f32], scale: &[f64], unit: &[f64], wmax: f64, i: usize) -> ErrAcc {
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let rows = unit.len();
+    let per = rows.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = w
+            .chunks_mut(per * i.max(1))
+            .enumerate()
+            .map(|(t, chunk)| {
+                s.spawn(move || {
+                    let mut e = ErrAcc::default();
+                    for (rr, row) in chunk.chunks_mut(i.max(1)).enumerate() {
+                        let u = unit[t * per + rr];
+                        for (k, q) in row.iter_mut().enumerate() {
+                            let x = *q as f64;
+                            let v = (x * scale[k] / u).round().clamp(-wmax, wmax);
+                            *q = v as f32;
+                            e.add(x, v * u / scale[k]);
+                        }
+                    }
+                    e
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a quantization thread panicked")).fold(ErrAcc::default(), |a, b| a.merge(&b))
+    })
 }
 
 /// Per-channel clipping magnitudes that minimise the squared quantization error of the samples
@@ -724,6 +801,15 @@ impl ErrAcc {
         self.sum += d;
         self.sig += x * x;
         self.noise += d * d;
+    }
+
+    fn merge(mut self, o: &ErrAcc) -> ErrAcc {
+        self.n += o.n;
+        self.max = self.max.max(o.max);
+        self.sum += o.sum;
+        self.sig += o.sig;
+        self.noise += o.noise;
+        self
     }
 
     fn finish(&self, name: &str, kind: &'static str, bits: u32, channels: usize) -> LayerError {

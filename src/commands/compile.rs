@@ -105,8 +105,7 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--headroom must be at least 1, got {}", a.headroom);
     }
     let opts = CompileOptions { leak_bits: a.bits, act_bits: a.act_bits, frac: a.frac, headroom: a.headroom };
-    let compiled = compile(&graph, &params, &calib, &target, &opts)?;
-    drop(params);
+    let compiled = compile(&graph, params, &calib, &target, &opts)?;
     let compile_s = t1.elapsed().as_secs_f64();
     let t2 = Instant::now();
     write_program(&a.out, &compiled.program)?;

@@ -138,13 +138,20 @@ fn forward_step(model: &NeuronModel, emit: &[String]) -> String {
 }
 
 /// Steps per unrolled group: the loads of a group are issued before its sequential math, so
-/// several frames of memory traffic are in flight per thread.
-pub const SCAN_UNROLL: usize = 16;
+/// several frames of memory traffic are in flight per thread. Measured on an H100 (see
+/// docs/cuda-notes.md): 16 is best with three per-step inputs, 32 with one.
+pub fn scan_unroll(model: &NeuronModel) -> usize {
+    if model.inputs.len() <= 1 {
+        32
+    } else {
+        16
+    }
+}
 
 /// The forward scan kernel: one thread per (batch row, channel); per-step inputs are [B,S,C].
 /// Signature: (inputs..., params..., init states..., outputs..., final states..., B, S, K, C).
 pub fn scan_forward_kernel(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool) -> String {
-    scan_forward_kernel_unrolled(name, model, emit, token_scope, SCAN_UNROLL)
+    scan_forward_kernel_unrolled(name, model, emit, token_scope, scan_unroll(model))
 }
 
 /// [`scan_forward_kernel`] with `u` frames of loads issued ahead of the sequential math.

@@ -43,21 +43,47 @@ pub enum FormatError {
 
 // ---------------------------------------------------------------- CRC-32 (IEEE)
 
-fn crc_table() -> [u32; 256] {
-    let mut t = [0u32; 256];
-    for (i, e) in t.iter_mut().enumerate() {
-        let mut c = i as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+/// Slicing-by-8 tables: table[k][b] is the CRC of byte b followed by k zero bytes.
+fn crc_tables() -> &'static [[u32; 256]; 8] {
+    static T: std::sync::OnceLock<[[u32; 256]; 8]> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let mut t = [[0u32; 256]; 8];
+        for i in 0..256 {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+            t[0][i] = c;
         }
-        *e = c;
-    }
-    t
+        for i in 0..256 {
+            for k in 1..8 {
+                t[k][i] = (t[k - 1][i] >> 8) ^ t[0][(t[k - 1][i] & 0xff) as usize];
+            }
+        }
+        t
+    })
 }
 
+/// CRC-32 (IEEE 802.3), eight bytes at a time.
 pub fn crc32(data: &[u8]) -> u32 {
-    let t = crc_table();
-    !data.iter().fold(!0u32, |c, &b| t[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8))
+    let t = crc_tables();
+    let mut c = !0u32;
+    let mut chunks = data.chunks_exact(8);
+    for ch in &mut chunks {
+        let lo = c ^ u32::from_le_bytes([ch[0], ch[1], ch[2], ch[3]]);
+        c = t[7][(lo & 0xff) as usize]
+            ^ t[6][((lo >> 8) & 0xff) as usize]
+            ^ t[5][((lo >> 16) & 0xff) as usize]
+            ^ t[4][(lo >> 24) as usize]
+            ^ t[3][ch[4] as usize]
+            ^ t[2][ch[5] as usize]
+            ^ t[1][ch[6] as usize]
+            ^ t[0][ch[7] as usize];
+    }
+    for &b in chunks.remainder() {
+        c = t[0][((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
+    }
+    !c
 }
 
 // ---------------------------------------------------------------- writing
@@ -108,10 +134,15 @@ impl W {
             None => self.u8(0),
         }
     }
-    fn section(&mut self, tag: u32, body: W) {
+    /// Start a section: its tag and a length that `end` fills in.
+    fn begin(&mut self, tag: u32) -> usize {
         self.u32(tag);
-        self.u64(body.b.len() as u64);
-        self.b.extend_from_slice(&body.b);
+        self.u64(0);
+        self.b.len()
+    }
+    fn end(&mut self, start: usize) {
+        let len = (self.b.len() - start) as u64;
+        self.b[start - 8..start].copy_from_slice(&len.to_le_bytes());
     }
 }
 
@@ -161,19 +192,21 @@ fn write_microcode(w: &mut W, p: &FxProgram) {
 
 /// Serialise a program.
 pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
-    let mut payload = W::default();
-    let mut s = W::default();
+    // One buffer: the header is filled in last, sections are written in place.
+    let mut s = W { b: Vec::with_capacity(HEADER + p.synapse_count() as usize + (1 << 20)) };
+    s.b.resize(HEADER, 0);
+    let at = s.begin(S_TARGET);
     s.str(&p.target.to_toml());
-    payload.section(S_TARGET, s);
-    let mut s = W::default();
+    s.end(at);
+    let at = s.begin(S_IR);
     s.str(&p.source_ir);
-    payload.section(S_IR, s);
-    let mut s = W::default();
+    s.end(at);
+    let at = s.begin(S_META);
     s.u32(p.fx.frac);
     s.u32(p.fx.bits);
     s.u32(p.frames_per_token);
-    payload.section(S_META, s);
-    let mut s = W::default();
+    s.end(at);
+    let at = s.begin(S_LUTS);
     s.u64(p.luts.len() as u64);
     for (k, l) in &p.luts {
         s.u8(k.code());
@@ -181,8 +214,8 @@ pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
         s.u32(l.shift);
         s.i64s(&l.values);
     }
-    payload.section(S_LUTS, s);
-    let mut s = W::default();
+    s.end(at);
+    let at = s.begin(S_BUFFERS);
     s.u64(p.buffers.len() as u64);
     for b in &p.buffers {
         s.str(&b.name);
@@ -191,8 +224,8 @@ pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
             BufferType::I64 => 1,
         });
     }
-    payload.section(S_BUFFERS, s);
-    let mut s = W::default();
+    s.end(at);
+    let at = s.begin(S_GROUPS);
     s.u64(p.groups.len() as u64);
     for g in &p.groups {
         s.str(&g.name);
@@ -252,8 +285,8 @@ pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
             s.opt(o.buffer);
         }
     }
-    payload.section(S_GROUPS, s);
-    let mut s = W::default();
+    s.end(at);
+    let at = s.begin(S_SYNAPSES);
     s.u64(p.synapses.len() as u64);
     for sy in &p.synapses {
         s.str(&sy.name);
@@ -290,8 +323,8 @@ pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
         s.i64s(&sy.bias);
         s.u32(sy.bits);
     }
-    payload.section(S_SYNAPSES, s);
-    let mut s = W::default();
+    s.end(at);
+    let at = s.begin(S_STAGES);
     s.u64(p.stages.len() as u64);
     for st in &p.stages {
         s.str(&st.name);
@@ -310,8 +343,8 @@ pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
         s.u32s(&st.inputs);
         s.u32s(&st.outputs);
     }
-    payload.section(S_STAGES, s);
-    let mut s = W::default();
+    s.end(at);
+    let at = s.begin(S_PLACEMENT);
     let pl = &p.placement;
     s.u32(pl.chips);
     s.u64(pl.cores.len() as u64);
@@ -327,8 +360,8 @@ pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
         s.u32(g.parts);
         s.u32s(&g.cores);
     }
-    payload.section(S_PLACEMENT, s);
-    let mut s = W::default();
+    s.end(at);
+    let at = s.begin(S_ROUTES);
     s.u64(p.routes.len() as u64);
     for r in &p.routes {
         s.u32(r.synapse);
@@ -340,8 +373,8 @@ pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
             }
         }
     }
-    payload.section(S_ROUTES, s);
-    let mut s = W::default();
+    s.end(at);
+    let at = s.begin(S_IO);
     for list in [&p.inputs, &p.outputs] {
         s.u64(list.len() as u64);
         for (name, b) in list {
@@ -349,8 +382,8 @@ pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
             s.u32(*b);
         }
     }
-    payload.section(S_IO, s);
-    let mut s = W::default();
+    s.end(at);
+    let at = s.begin(S_PARAMS);
     s.u64(p.host_params.len() as u64);
     for (name, t) in &p.host_params {
         s.str(name);
@@ -361,15 +394,16 @@ pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
         let data = t.to_f32_vec();
         s.b.extend_from_slice(bytemuck::cast_slice(&data));
     }
-    payload.section(S_PARAMS, s);
+    s.end(at);
 
-    let mut out = Vec::with_capacity(HEADER + payload.b.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(payload.b.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32(&payload.b).to_le_bytes());
-    out.extend_from_slice(&payload.b);
+    let mut out = s.b;
+    let len = (out.len() - HEADER) as u64;
+    let crc = crc32(&out[HEADER..]);
+    out[..8].copy_from_slice(MAGIC);
+    out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    out[12..16].copy_from_slice(&0u32.to_le_bytes());
+    out[16..24].copy_from_slice(&len.to_le_bytes());
+    out[24..28].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
@@ -892,4 +926,23 @@ pub fn validate(p: &SpikeProgram) -> Result<(), FormatError> {
         buf(*b, &format!("graph input/output `{name}`"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(super::crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(super::crc32(b""), 0);
+        let long: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        // Byte-at-a-time reference.
+        let mut c = !0u32;
+        for &b in &long {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        assert_eq!(super::crc32(&long), !c);
+    }
 }

@@ -14,6 +14,7 @@ use crate::program::*;
 use crate::NeuroError;
 use sparkc_backend_cpu::kernels::fixed::{compile_map, compile_step, Fx, Lut, LutKind};
 use sparkc_ir::{Graph, NodeIndex, Op, Tensor, Value};
+use rayon::prelude::*;
 use sparkc_passes::users::all_readers;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -239,25 +240,30 @@ pub fn lower(q: &Graph, params: &BTreeMap<String, Tensor>, state_bits: u32) -> R
         let Op::Param { name: wname } = &wt.op else { return Err(lerr(q, n, "weights must be a parameter")) };
         let w = params.get(wname).and_then(|t| t.as_f32().map(|d| (t.shape.clone(), d))).ok_or_else(|| lerr(q, n, format!("missing f32 weights `{wname}`")))?;
         let (o, i) = (w.0[0], w.0[1]);
-        let wmax = w.1.iter().fold(0f32, |a, &x| a.max(x.abs())) as i64;
+        let wmax = w.1.par_iter().map(|x| x.abs()).reduce(|| 0f32, f32::max) as i64;
         let weight_bits = (64 - wmax.leading_zeros() + 1).max(2);
-        // Source-major: an event on axon a reads row a.
+        // Source-major: an event on axon a reads row a. Transposed in blocks of 64 axons so
+        // that both sides stay in cache.
+        fn transpose<T: Send + Copy + Default>(w: &[f32], o: usize, i: usize, cast: fn(f32) -> T) -> Vec<T> {
+            let mut v = vec![T::default(); o * i];
+            if o == 0 {
+                return v;
+            }
+            v.par_chunks_mut(64 * o).enumerate().for_each(|(blk, chunk)| {
+                let a0 = blk * 64;
+                let na = chunk.len() / o;
+                for r in 0..o {
+                    for (da, &x) in w[r * i + a0..r * i + a0 + na].iter().enumerate() {
+                        chunk[da * o + r] = cast(x);
+                    }
+                }
+            });
+            v
+        }
         let weights = if weight_bits <= 8 {
-            let mut v = vec![0i8; o * i];
-            for r in 0..o {
-                for a in 0..i {
-                    v[a * o + r] = w.1[r * i + a] as i8;
-                }
-            }
-            Weights::I8(v)
+            Weights::I8(transpose(w.1, o, i, |x| x as i8))
         } else if weight_bits <= 16 {
-            let mut v = vec![0i16; o * i];
-            for r in 0..o {
-                for a in 0..i {
-                    v[a * o + r] = w.1[r * i + a] as i16;
-                }
-            }
-            Weights::I16(v)
+            Weights::I16(transpose(w.1, o, i, |x| x as i16))
         } else {
             return Err(lerr(q, n, format!("weights need {weight_bits} bits; at most 16 are supported")));
         };

@@ -124,20 +124,21 @@ pub fn compile_quantized(q: &Graph, qparams: &BTreeMap<String, Tensor>, target: 
     Ok((program, notes))
 }
 
-/// The whole pipeline from a float graph and its parameters.
-pub fn compile(graph: &Graph, params: &BTreeMap<String, Tensor>, calib_inputs: &BTreeMap<String, Tensor>, target: &Target, opts: &CompileOptions) -> Result<Compiled, NeuroError> {
+/// The whole pipeline from a float graph and its parameters (taken: the centered weights are
+/// added to them, and they are dropped as soon as quantization is done).
+pub fn compile(graph: &Graph, params: BTreeMap<String, Tensor>, calib_inputs: &BTreeMap<String, Tensor>, target: &Target, opts: &CompileOptions) -> Result<Compiled, NeuroError> {
     let mut timings = Vec::new();
     let mut t = Instant::now();
     let mut lap = |name: &'static str, timings: &mut Vec<(&'static str, f64)>| {
         timings.push((name, t.elapsed().as_secs_f64()));
         t = Instant::now();
     };
-    let (folded, fparams, _) = sparkc_passes::center_fold::fold_centering(graph, params)?;
+    let mut all = params;
+    let (folded, _) = sparkc_passes::center_fold::fold_centering(graph, &mut all)?;
     lap("fold", &mut timings);
-    let cal = calibrate(&folded, &fparams, calib_inputs)?;
+    let cal = calibrate(&folded, &all, calib_inputs)?;
     lap("calibrate", &mut timings);
-    let quantized = quantize::quantize(&folded, &fparams, &cal, &quant_config(target, opts))?;
-    drop(fparams);
+    let quantized = quantize::quantize(&folded, all, &cal, &quant_config(target, opts))?;
     lap("quantize", &mut timings);
     let (program, notes) = compile_quantized(&quantized.graph, &quantized.params, target)?;
     lap("lower+legalize+place", &mut timings);

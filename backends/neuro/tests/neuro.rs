@@ -42,7 +42,7 @@ fn tiny_compiled(bits: u32) -> &'static Compiled {
     cell.get_or_init(|| {
         let (g, p) = tiny();
         let calib = BTreeMap::from([("input_ids".to_string(), ids(&mut Rng::new(11), 2, 12, 256))]);
-        compile(&g, &p, &calib, &target("loihi2"), &CompileOptions { leak_bits: bits, ..Default::default() }).unwrap()
+        compile(&g, p.clone(), &calib, &target("loihi2"), &CompileOptions { leak_bits: bits, ..Default::default() }).unwrap()
     })
 }
 
@@ -206,7 +206,7 @@ proptest! {
         let (g, p) = lif_net(neuron::lif(), &[24, 40, 16], true, seed);
         let mut rng = Rng::new(seed ^ 0x5eed);
         let calib = BTreeMap::from([("x".to_string(), currents(&mut rng, 2, 6, 3, 24))]);
-        let c = compile(&g, &p, &calib, &target("loihi2"), &CompileOptions::default()).unwrap();
+        let c = compile(&g, p.clone(), &calib, &target("loihi2"), &CompileOptions::default()).unwrap();
         let calls: Vec<_> = (0..2).map(|_| BTreeMap::from([("x".to_string(), currents(&mut rng, 2, 4, 3, 24))])).collect();
         let sim = assert_bit_exact(&c, &calls, 2);
         prop_assert!(sim.report().totals.events > 0);
@@ -218,7 +218,7 @@ fn a_cuba_lif_network_runs_on_loihi1_with_binary_spikes() {
     let (g, p) = lif_net(cuba_lif(), &[16, 32, 8], false, 4);
     let mut rng = Rng::new(9);
     let calib = BTreeMap::from([("x".to_string(), currents(&mut rng, 2, 8, 3, 16))]);
-    let c = compile(&g, &p, &calib, &target("loihi1"), &CompileOptions::default()).unwrap();
+    let c = compile(&g, p.clone(), &calib, &target("loihi1"), &CompileOptions::default()).unwrap();
     // Spikes travel as one-bit payloads; the CUBA step is a handful of supported instructions.
     for grp in &c.program.groups {
         assert!(grp.outputs.iter().all(|o| o.bits == 1), "{}", grp.name);
@@ -243,7 +243,7 @@ fn split_fan_in_and_many_chips_stay_bit_exact() {
     let (g, p) = lif_net(neuron::lif(), &[24, 40, 16], true, 2);
     let mut rng = Rng::new(5);
     let calib = BTreeMap::from([("x".to_string(), currents(&mut rng, 2, 6, 3, 24))]);
-    let c = compile(&g, &p, &calib, &t, &CompileOptions::default()).unwrap();
+    let c = compile(&g, p.clone(), &calib, &t, &CompileOptions::default()).unwrap();
     assert!(c.program.placement.chips > 1, "spread over {} chip(s)", c.program.placement.chips);
     assert!(c.program.placement.groups.iter().any(|gp| gp.parts > 1), "some neuron's inputs are split");
     assert!(c.notes.iter().any(|n| n.limit == "core.max_fan_in" && n.layer == "lif1"), "{:?}", c.notes);
@@ -258,7 +258,7 @@ fn legalization_names_the_layer_and_the_limit() {
     // NeuronSpark's selective neurons need sigmoid/softplus and graded spikes: not on Loihi 1.
     let (g, p) = tiny();
     let calib = BTreeMap::from([("input_ids".to_string(), ids(&mut Rng::new(1), 1, 4, 256))]);
-    let err = compile(&g, &p, &calib, &target("loihi1"), &CompileOptions::default()).err().expect("Loihi 1 cannot run NeuronSpark");
+    let err = compile(&g, p.clone(), &calib, &target("loihi1"), &CompileOptions::default()).err().expect("Loihi 1 cannot run NeuronSpark");
     let NeuroError::Legalize { diagnostics, .. } = &err else { panic!("expected a legalization error, got {err}") };
     let text = err.to_string();
     assert!(diagnostics.iter().any(|d| d.layer.contains("layers.0.snn_block.hidden_neuron") && d.limit == "core.microcode_ops" && d.message.contains("`sigmoid`")), "{text}");
@@ -271,13 +271,13 @@ fn legalization_names_the_layer_and_the_limit() {
     t.core.max_fan_in_split = 2;
     let (g, p) = lif_net(neuron::lif(), &[24, 40, 16], false, 1);
     let calib = BTreeMap::from([("x".to_string(), currents(&mut Rng::new(2), 1, 4, 3, 24))]);
-    let err = compile(&g, &p, &calib, &t, &CompileOptions::default()).err().expect("does not fit").to_string();
+    let err = compile(&g, p.clone(), &calib, &t, &CompileOptions::default()).err().expect("does not fit").to_string();
     assert!(err.contains("layer `lif1`") && err.contains("core.max_fan_in_split") && err.contains("24 inputs"), "{err}");
 
     // Too few instructions per neuron program.
     let mut t = target("loihi2");
     t.core.max_microcode = 2;
-    let err = compile(&g, &p, &calib, &t, &CompileOptions::default()).err().expect("does not fit").to_string();
+    let err = compile(&g, p.clone(), &calib, &t, &CompileOptions::default()).err().expect("does not fit").to_string();
     assert!(err.contains("core.max_microcode") && err.contains("layer `lif0`"), "{err}");
 }
 
@@ -324,7 +324,7 @@ fn small_program_bytes() -> &'static Vec<u8> {
     B.get_or_init(|| {
         let (g, p) = lif_net(neuron::lif(), &[6, 5, 4], true, 3);
         let calib = BTreeMap::from([("x".to_string(), currents(&mut Rng::new(4), 1, 3, 3, 6))]);
-        to_bytes(&compile(&g, &p, &calib, &target("loihi2"), &CompileOptions::default()).unwrap().program)
+        to_bytes(&compile(&g, p.clone(), &calib, &target("loihi2"), &CompileOptions::default()).unwrap().program)
     })
 }
 
