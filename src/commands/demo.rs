@@ -23,6 +23,7 @@ pub fn run(a: Args) -> Result<()> {
         steps: Some(a.steps),
         seed: Some(a.seed),
         synthetic_chars: 400_000,
+        backend: "cpu".into(),
         ..Default::default()
     })?;
     let config = a.out.join("config.json").display().to_string();

@@ -240,8 +240,12 @@ impl Metrics {
         let csv_path = dir.join("metrics.csv");
         let mut csv = std::fs::File::create(&csv_path)?;
         writeln!(csv, "step,loss,lm_loss,ponder_cost,lr,grad_norm,tokens_per_s,eval_loss")?;
-        for (s, l) in &train {
-            writeln!(csv, "{s},{l},,,,,,")?;
+        // The CSV is rebuilt from the kept JSON lines, so both files agree after a resume.
+        for line in &kept {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            let field = |k: &str| v.get(k).filter(|x| !x.is_null()).map(|x| x.to_string()).unwrap_or_default();
+            let cols = ["step", "loss", "lm_loss", "ponder_cost", "lr", "grad_norm", "tokens_per_s", "eval_loss"].map(field);
+            writeln!(csv, "{}", cols.join(","))?;
         }
         Ok(Metrics { jsonl, csv, train, eval })
     }
@@ -282,7 +286,7 @@ pub fn run(a: Args) -> Result<()> {
 
     let graph = build_graph(&cfg, &GraphOptions { with_loss: true, ponder_weight: tcfg.ponder_weight, debug_outputs: false })?;
     let graph = differentiate(&graph, "total_loss", &[])?;
-    let program = crate::backend::executor(if a.backend.is_empty() { "cpu" } else { &a.backend }, "f32", &graph)?;
+    let program = crate::backend::executor(&a.backend, "f32", &graph)?;
     let neuron: Vec<String> = param_specs(&cfg).into_iter().filter(|s| s.neuron_group).map(|s| s.key).collect();
     let hook: Option<GradHook> = if tcfg.compensate {
         let (cfg2, c_max) = (cfg.clone(), tcfg.c_max);
