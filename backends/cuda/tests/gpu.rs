@@ -179,6 +179,38 @@ fn first_training_steps_match_the_cpu() {
     }
 }
 
+/// A network imported from a NIR file (a Norse export, custom neuron models with hard reset
+/// and strict fire comparison) spikes on the GPU as on the CPU, under both schemes.
+#[test]
+fn imported_nir_networks_run_on_the_gpu() {
+    let Some(_) = gpu_or_skip("imported_nir_networks_run_on_the_gpu") else { return };
+    use sparkc_frontend::nir::{self, Convention, Discretisation, ImportOptions, Mode, ReadOptions, Scheme};
+    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../frontend/tests/data/nir/lif_norse.nir"));
+    let read = nir::read_file(path, ReadOptions { mode: Mode::Strict }).unwrap();
+    for scheme in [Scheme::Euler, Scheme::Exact] {
+        let disc = Discretisation::new(Convention::Nir, Some(1e-3), Some(scheme)).unwrap();
+        let imp = nir::import_graph(&read.file, &read.types, &ImportOptions { disc, ..ImportOptions::default() }).unwrap();
+        let (_, input_name, ty) = imp.graph.inputs().into_iter().find(|(_, n, _)| !n.starts_with("state.")).unwrap();
+        let c = ty.shape.dims()[3].as_const().unwrap() as usize;
+        let (b, t) = (3, 200);
+        let mut rng = Rng::new(5);
+        let mut inputs = zero_states(&imp.graph, b);
+        inputs.insert(input_name.to_string(), Tensor::f32(vec![b, t, 1, c], (0..b * t * c).map(|_| rng.uniform_range(0.0, 4.0) as f32).collect()));
+        let cpu = CpuProgram::compile(&imp.graph).unwrap().run(&inputs, &imp.params).unwrap();
+        let mut gpu = GpuProgram::compile(Gpu::new(0).unwrap(), &imp.graph).unwrap();
+        gpu.set_params(&imp.params).unwrap();
+        let out = gpu.run(&inputs).unwrap();
+        // expf differs by an ulp or two between the CPU's libm and the GPU: values agree to
+        // rounding, and a spike flip would show up as a large error.
+        for (k, v) in &cpu {
+            let err = rel_l2(&out[k].to_f32_vec(), &v.to_f32_vec());
+            assert!(err < 1e-5, "{scheme:?}: `{k}` differs between CPU and GPU by {err:e}");
+        }
+        let spikes: f32 = cpu.values().map(|v| v.to_f32_vec().iter().sum::<f32>()).sum();
+        println!("{scheme:?}: {} outputs equal, activity {spikes}", cpu.len());
+    }
+}
+
 #[test]
 fn bad_inputs_are_errors_on_the_gpu() {
     let Some(gpu) = gpu_or_skip("bad_inputs_are_errors_on_the_gpu") else { return };
