@@ -39,7 +39,7 @@ enum Command {
     Simulate(commands::simulate::Args),
     /// Measure throughput: forward tokens/s and GEMM GFLOP/s.
     Bench(commands::bench::Args),
-    /// The embedded default: build a tiny model from a seed, inspect it, generate from it.
+    /// The embedded default: train a tiny model from a seed (~3 min), inspect it, generate text.
     Demo(commands::demo::Args),
 }
 
