@@ -740,7 +740,9 @@ fn quantize_rows(w: &mut [f32], scale: &[f64], unit: &[f64], wmax: f64, i: usize
                         let u = unit[t * per + rr];
                         for (k, q) in row.iter_mut().enumerate() {
                             let x = *q as f64;
-                            let v = (x * scale[k] / u).round().clamp(-wmax, wmax);
+                            let y = (x * scale[k] / u).clamp(-wmax, wmax);
+                            // Half away from zero, as `round` (without a libm call per weight).
+                            let v = ((y.abs() + 0.5) as i64) as f64 * y.signum();
                             *q = v as f32;
                             e.add(x, v * u / scale[k]);
                         }

@@ -133,13 +133,28 @@ pub fn run(a: Args) -> Result<()> {
     let host = p.stages.iter().filter(|s| matches!(s.kind, sparkc_backend_neuro::program::StageKind::Host)).count();
     println!("  {} stages: {} on neuromorphic cores, {mgmt} on management cores, {host} on the host", p.stages.len(), p.stages.len() - mgmt - host);
     println!("  fixed point: {} fractional bits, {}-bit state; leak currents {}-bit payloads", p.fx.frac, p.fx.bits, a.bits);
-    for n in &compiled.notes {
+    for n in compiled.notes.iter().take(8) {
         println!("  {n}");
+    }
+    if compiled.notes.len() > 8 {
+        println!("  ... and {} more notes of the same kinds (splits of large layers)", compiled.notes.len() - 8);
     }
     let q = &compiled.quantized.report;
     println!("\nquantization error on the calibration data ({}):", a.calib);
     println!("  {:<48} {:<10} {:>4} {:>11} {:>11} {:>8} {:>10}", "layer", "kind", "bits", "max |err|", "mean |err|", "SNR dB", "suppressed");
-    for l in &q.layers {
+    // A large model's table goes to --quant-report; here, the worst layer of each kind.
+    let shown: Vec<&sparkc_passes::quantize::LayerError> = if q.layers.len() <= 80 {
+        q.layers.iter().collect()
+    } else {
+        let mut kinds: Vec<&str> = q.layers.iter().map(|l| l.kind).collect();
+        kinds.sort();
+        kinds.dedup();
+        kinds.iter().filter_map(|k| q.layers.iter().filter(|l| l.kind == *k).min_by(|a, b| a.snr_db.total_cmp(&b.snr_db))).collect()
+    };
+    if shown.len() < q.layers.len() {
+        println!("  ({} layers; the lowest-SNR one of each kind is shown, all of them with --quant-report)", q.layers.len());
+    }
+    for l in shown {
         println!(
             "  {:<48} {:<10} {:>4} {:>11.3e} {:>11.3e} {:>8.1} {:>10}",
             l.name,

@@ -49,6 +49,7 @@ pub fn run(a: Args) -> Result<()> {
             boundary: None,
             backend: "cpu".into(),
             precision: "f32".into(),
+            program: None,
         })?;
     }
     Ok(())

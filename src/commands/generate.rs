@@ -57,6 +57,9 @@ pub struct Args {
     /// GEMM arithmetic on cuda: f32 (exact) or bf16 (bf16 operands, fp32 accumulation).
     #[arg(long, default_value = "f32")]
     pub precision: String,
+    /// The spike program for `--backend neuro` (from `sparkc compile`).
+    #[arg(long)]
+    pub program: Option<PathBuf>,
 }
 
 fn prompt_rows(a: &Args, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<Vec<i64>>> {
@@ -93,17 +96,26 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(bad) = prompt.iter().flatten().find(|&&id| id < 0 || id as usize >= cfg.vocab_size) {
         bail!("prompt token id {bad} is outside the vocabulary of {}", cfg.vocab_size);
     }
-    let params = load_weights(&cfg, a.weights.as_deref(), a.init_seed)?;
-    let graph = build_graph(&cfg, &GraphOptions::default())?;
-    let mut session = Session::new(crate::backend::executor(&a.backend, &a.precision, &graph)?, params);
     let mut sampler = Sampler::new(a.temperature, Some(a.top_k).filter(|&k| k > 0), a.top_p, a.seed);
     let bar = ProgressBar::new(a.max_new_tokens as u64);
     bar.set_style(ProgressStyle::with_template("{spinner} generating {pos}/{len} tokens [{elapsed_precise}] {per_sec}").expect("valid template"));
     if a.max_new_tokens < 32 {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, eos_id: a.eos_id };
     let start = Instant::now();
-    let rows = generate(&mut session, &prompt, &GenerateOptions { max_new_tokens: a.max_new_tokens, eos_id: a.eos_id }, &mut sampler, |n| bar.set_position(n as u64))?;
+    let rows = if a.backend == "neuro" {
+        let p = a.program.as_deref().context("--backend neuro needs --program model.spk (from `sparkc compile`)")?;
+        let (rows, report) = crate::commands::simulate::generate_on_chip(p, &prompt, &opts, &mut sampler, |n| bar.set_position(n as u64))?;
+        bar.finish_and_clear();
+        crate::commands::simulate::print_report(&report);
+        rows
+    } else {
+        let params = load_weights(&cfg, a.weights.as_deref(), a.init_seed)?;
+        let graph = build_graph(&cfg, &GraphOptions::default())?;
+        let mut session = Session::new(crate::backend::executor(&a.backend, &a.precision, &graph)?, params);
+        generate(&mut session, &prompt, &opts, &mut sampler, |n| bar.set_position(n as u64))?
+    };
     bar.finish_and_clear();
     let generated = rows[0].len() - prompt[0].len();
     let secs = start.elapsed().as_secs_f64();

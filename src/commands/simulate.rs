@@ -153,12 +153,12 @@ pub fn run(a: Args) -> Result<()> {
     }
     let mut sim = ChipSimulator::new(program)?;
     let mut session = Session::new(sim_executor(&mut sim), BTreeMap::new());
-    let ids = inputs.get("input_ids").context("the inputs have no `input_ids`")?;
-    let b = *ids.shape.first().context("`input_ids` must be [B,T]")?;
+    // The batch: the leading dim of an input the program declares as [B, ...].
+    let b = sim_batch(&session, &inputs)?;
     session.reset(b);
     let out = session.step(inputs.clone())?;
     drop(session);
-    let result = run_outputs(&out, &inputs, a.ponder_weight)?;
+    let result = if out.contains_key("logits") { run_outputs(&out, &inputs, a.ponder_weight)? } else { out.clone() };
     let report = sim.report();
     print_report(&report);
     if let Some(lm) = result.get("lm_loss") {
@@ -166,7 +166,16 @@ pub fn run(a: Args) -> Result<()> {
     }
     if let Some(path) = &a.compare {
         let reference = read_tensors(path)?;
-        let (ours, theirs) = (&result["logits"], reference.get("logits").context("the reference has no `logits`")?);
+        if !result.contains_key("logits") {
+            for (k, ours) in &result {
+                if let Some(theirs) = reference.get(k).filter(|t| t.shape == ours.shape) {
+                    let d = ours.to_f32_vec().iter().zip(theirs.to_f32_vec()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                    println!("  `{k}`: max |difference| to the reference {d:.4e}");
+                }
+            }
+        }
+        let Some(theirs) = reference.get("logits").filter(|_| result.contains_key("logits")) else { return finish(&a, &result, &report, &sim) };
+        let ours = &result["logits"];
         if ours.shape != theirs.shape {
             bail!("reference logits are {:?}, the chip's {:?}", theirs.shape, ours.shape);
         }
@@ -180,8 +189,13 @@ pub fn run(a: Args) -> Result<()> {
             println!("  lm_loss {l1:.6} vs reference {l0:.6}: {:+.3}%", 100.0 * (l1 - l0) / l0);
         }
     }
+    finish(&a, &result, &report, &sim)
+}
+
+/// Write the outputs, the report and the plots.
+fn finish(a: &Args, result: &BTreeMap<String, Tensor>, report: &SimReport, sim: &ChipSimulator) -> Result<()> {
     if let Some(path) = &a.out {
-        write_tensors(path, &result, None)?;
+        write_tensors(path, result, None)?;
         println!("wrote {}", path.display());
     }
     if let Some(path) = &a.report {
@@ -191,10 +205,19 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(dir) = &a.plots {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         plot::raster(&dir.join("raster.png"), sim.recording())?;
-        plot::activity(&dir.join("activity.png"), sim.recording(), &report)?;
+        plot::activity(&dir.join("activity.png"), sim.recording(), report)?;
         println!("wrote {} and {}", dir.join("raster.png").display(), dir.join("activity.png").display());
     }
     Ok(())
+}
+
+fn sim_batch<E: sparkc_runtime::Executor>(session: &Session<E>, inputs: &BTreeMap<String, Tensor>) -> Result<usize> {
+    let g = session.executor().graph();
+    g.inputs()
+        .into_iter()
+        .find_map(|(_, name, ty)| (ty.shape.dims().first() == Some(&sparkc_ir::Dim::sym("B"))).then(|| inputs.get(name)).flatten())
+        .and_then(|t| t.shape.first().copied())
+        .context("the inputs do not give the batch size (no input the program declares as [B, ...])")
 }
 
 /// A borrowed simulator as a session's executor (the report stays with the simulator).
@@ -215,9 +238,7 @@ impl sparkc_runtime::Executor for SimRef<'_> {
 }
 
 /// `sparkc generate --backend neuro`: generate on the simulated chip from a spike program.
-/// (Wired into `generate` by its owner; unused until then.)
 /// Returns the rows (prompt + generated) and the chip's report over the whole generation.
-#[allow(dead_code)]
 pub fn generate_on_chip(
     program: &Path,
     prompt: &[Vec<i64>],

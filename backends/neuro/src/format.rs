@@ -1,7 +1,7 @@
 //! The binary spike-program format and its validating loader.
 //!
 //! ```text
-//! magic "SPKPROG\0" | version u32 | reserved u32 | payload length u64 | CRC-32 of payload u32 | payload
+//! magic "SPKPROG\0" | version u32 | flags u32 (0) | payload length u64 | CRC-32 of payload u32 | payload
 //! payload = sections, each: tag u32 | length u64 | bytes   (all integers little-endian)
 //! ```
 //! Sections: target (TOML), source IR (text), numeric format, lookup tables, buffers, groups
@@ -48,16 +48,17 @@ fn crc_tables() -> &'static [[u32; 256]; 8] {
     static T: std::sync::OnceLock<[[u32; 256]; 8]> = std::sync::OnceLock::new();
     T.get_or_init(|| {
         let mut t = [[0u32; 256]; 8];
-        for i in 0..256 {
+        for (i, e) in t[0].iter_mut().enumerate() {
             let mut c = i as u32;
             for _ in 0..8 {
                 c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
             }
-            t[0][i] = c;
+            *e = c;
         }
-        for i in 0..256 {
-            for k in 1..8 {
-                t[k][i] = (t[k - 1][i] >> 8) ^ t[0][(t[k - 1][i] & 0xff) as usize];
+        for k in 1..8 {
+            for i in 0..256 {
+                let prev = t[k - 1][i];
+                t[k][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
             }
         }
         t
@@ -588,6 +589,10 @@ pub fn from_bytes(bytes: &[u8]) -> Result<SpikeProgram, FormatError> {
     if version != VERSION {
         return Err(FormatError::Version { found: version });
     }
+    let flags = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
+    if flags != 0 {
+        return Err(FormatError::Corrupt(format!("unknown header flags {flags:#x}")));
+    }
     let len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
     let crc = u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes"));
     let payload = &bytes[HEADER..];
@@ -830,8 +835,11 @@ pub fn validate(p: &SpikeProgram) -> Result<(), FormatError> {
     if !(2..=48).contains(&fx.bits) || fx.frac > 40 {
         return Err(invalid(format!("fixed-point format bits={} frac={} is out of range", fx.bits, fx.frac)));
     }
-    if p.frames_per_token == 0 {
-        return Err(invalid("frames per token must be positive"));
+    // The numbers that size the simulation must agree with the source IR.
+    let source = sparkc_ir::text::parse(&p.source_ir).map_err(|e| invalid(format!("source IR: {e}")))?;
+    let k = source.dims.get("K").copied().unwrap_or(1);
+    if p.frames_per_token as u64 != k {
+        return Err(invalid(format!("frames per token {} does not match the source IR's K = {k}", p.frames_per_token)));
     }
     let nb = p.buffers.len() as u32;
     let buf = |b: u32, what: &str| if b < nb { Ok(()) } else { Err(invalid(format!("{what} names buffer {b}; there are {nb}"))) };
@@ -956,6 +964,9 @@ pub fn validate(p: &SpikeProgram) -> Result<(), FormatError> {
             }
             StageKind::Management { .. } | StageKind::Host => {
                 let g = sparkc_ir::text::parse(&st.ir).map_err(|e| invalid(format!("stage `{}`: {e}", st.name)))?;
+                if g.dims != source.dims {
+                    return Err(invalid(format!("stage `{}` fixes dims {:?}; the source IR fixes {:?}", st.name, g.dims, source.dims)));
+                }
                 sparkc_ir::verify::verify(&g).map_err(|e| invalid(format!("stage `{}`: {e}", st.name)))?;
                 for (_, name, ty) in g.params() {
                     let t = p.host_params.get(name).ok_or_else(|| invalid(format!("stage `{}` needs parameter `{name}`, which the program does not hold", st.name)))?;
@@ -974,15 +985,33 @@ pub fn validate(p: &SpikeProgram) -> Result<(), FormatError> {
         return Err(invalid("placement does not cover every group"));
     }
     let cores = pl.cores.len() as u32;
-    for c in &pl.cores {
+    if pl.chips != cores.div_ceil(p.target.chip.cores).max(1) {
+        return Err(invalid(format!("placement claims {} chips for {cores} cores of {} per chip", pl.chips, p.target.chip.cores)));
+    }
+    for (id, c) in pl.cores.iter().enumerate() {
+        if c.chip != id as u32 / p.target.chip.cores || c.index != id as u32 % p.target.chip.cores {
+            return Err(invalid(format!("core {id} is recorded at chip {} index {}", c.chip, c.index)));
+        }
         let g = p.groups.get(c.group as usize).ok_or_else(|| invalid(format!("a core holds group {}; there are {ng}", c.group)))?;
-        if c.lo >= c.hi || c.hi > g.channels || c.chip >= pl.chips.max(1) || c.index >= p.target.chip.cores {
+        if c.lo >= c.hi || c.hi > g.channels || c.hi - c.lo > p.target.core.neurons || c.chip >= pl.chips.max(1) || c.index >= p.target.chip.cores {
             return Err(invalid(format!("a core of group `{}` has a bad range or site", g.name)));
         }
     }
     for (gi, gp) in pl.groups.iter().enumerate() {
-        if gp.cores.is_empty() || gp.parts == 0 || gp.cores.len() as u32 % gp.parts != 0 {
+        if gp.cores.is_empty() || gp.parts == 0 || !(gp.cores.len() as u32).is_multiple_of(gp.parts) {
             return Err(invalid(format!("group `{}` has no valid placement", p.groups[gi].name)));
+        }
+        // The chunks hold every neuron once, in order.
+        let mut next = 0u32;
+        for chunk in gp.cores.chunks(gp.parts as usize) {
+            let c0 = pl.cores.get(chunk[0] as usize).ok_or_else(|| invalid(format!("group `{}` is placed on a core that does not exist", p.groups[gi].name)))?;
+            if c0.lo != next || chunk.iter().any(|&c| pl.cores.get(c as usize).is_none_or(|x| x.lo != c0.lo || x.hi != c0.hi)) {
+                return Err(invalid(format!("the cores of group `{}` do not cover its neurons in order", p.groups[gi].name)));
+            }
+            next = c0.hi;
+        }
+        if next != p.groups[gi].channels {
+            return Err(invalid(format!("the cores of group `{}` hold {next} of its {} neurons", p.groups[gi].name, p.groups[gi].channels)));
         }
         for &c in &gp.cores {
             if c >= cores || pl.cores[c as usize].group != gi as u32 {

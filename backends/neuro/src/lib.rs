@@ -34,6 +34,8 @@ pub enum NeuroError {
     Ir(#[from] sparkc_ir::IrError),
     #[error(transparent)]
     Quantize(#[from] sparkc_passes::quantize::QuantError),
+    #[error("calibration inputs: {0}")]
+    Inputs(String),
     #[error("calibration run failed: {0}")]
     Calibrate(#[from] sparkc_backend_cpu::CpuError),
     #[error("cannot lower layer `{layer}` to the chip: {msg}")]

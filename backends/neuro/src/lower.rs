@@ -544,9 +544,8 @@ fn partition(q: &Graph, places: &BTreeMap<NodeIndex, Where>) -> Result<Vec<(Wher
         }
     }
     let mut stages = Vec::new();
-    loop {
-        // Next: the place whose earliest ready node comes first.
-        let Some(cur) = ready.iter().filter(|(_, s)| !s.is_empty()).min_by_key(|(_, s)| *s.iter().next().expect("non-empty")).map(|(w, _)| *w) else { break };
+    // Next: the place whose earliest ready node comes first.
+    while let Some(cur) = ready.iter().filter(|(_, s)| !s.is_empty()).min_by_key(|(_, s)| *s.iter().next().expect("non-empty")).map(|(w, _)| *w) {
         let mut nodes = Vec::new();
         while let Some(n) = ready.get_mut(&cur).and_then(|s| s.pop_first()) {
             nodes.push(n);
@@ -576,7 +575,10 @@ fn partition(q: &Graph, places: &BTreeMap<NodeIndex, Where>) -> Result<Vec<(Wher
 /// The IR subgraph of a management or host stage: external operands become inputs named after
 /// their buffers, values read later become outputs. Returns (text, input buffers, output
 /// buffers, parameter names).
-fn subgraph(lw: &mut Lowerer, name: &str, nodes: &[NodeIndex], set: &BTreeSet<NodeIndex>) -> Result<(String, Vec<u32>, Vec<u32>, Vec<String>), NeuroError> {
+/// A stage subgraph: its text, input buffers, output buffers and parameter names.
+type Subgraph = (String, Vec<u32>, Vec<u32>, Vec<String>);
+
+fn subgraph(lw: &mut Lowerer, name: &str, nodes: &[NodeIndex], set: &BTreeSet<NodeIndex>) -> Result<Subgraph, NeuroError> {
     let q = lw.q;
     let mut sg = Graph::new(name);
     sg.dims = q.dims.clone();

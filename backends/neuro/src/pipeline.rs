@@ -81,7 +81,7 @@ pub fn complete_inputs(graph: &Graph, given: &BTreeMap<String, Tensor>) -> Resul
         if out.contains_key(name) || ty.dtype != DType::F32 {
             continue;
         }
-        let shape = ty.shape.concrete(&env).map_err(|sym| NeuroError::Lower { layer: name.to_string(), msg: format!("input `{name}` is missing and its dimension {sym} is unknown") })?;
+        let shape = ty.shape.concrete(&env).map_err(|sym| NeuroError::Inputs(format!("the model's input `{name}` is missing (and its dimension {sym} is not fixed by the others)")))?;
         out.insert(name.to_string(), Tensor::zeros(shape));
     }
     Ok(out)

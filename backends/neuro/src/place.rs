@@ -122,26 +122,42 @@ fn split_of(group: u32, groups: &[Group], synapses: &[SynapseLayer], target: &Ta
     Split { bits_per_neuron, parts: parts as u32, per_core }
 }
 
-/// The order groups are placed in: dataflow order of the synapse graph.
-fn placement_order(groups: &[Group], synapses: &[SynapseLayer]) -> Vec<u32> {
-    let mut g: DiGraph<u32, ()> = DiGraph::new();
-    let nodes: Vec<NodeIndex> = (0..groups.len() as u32).map(|i| g.add_node(i)).collect();
-    for s in synapses {
-        if let SynapseSource::Group { group, .. } = s.source {
-            g.add_edge(nodes[group as usize], nodes[s.dest_group as usize], ());
+/// The order groups are placed in: stage by stage (execution order, so that consecutive
+/// layers and their management core sit together), each stage in the dataflow order of its
+/// synapse graph (a petgraph topological sort).
+fn placement_order(groups: &[Group], synapses: &[SynapseLayer], stages: &[Stage]) -> Vec<u32> {
+    let mut order = Vec::new();
+    for st in stages {
+        let StageKind::Neuro { groups: members } = &st.kind else { continue };
+        let mut g: DiGraph<u32, ()> = DiGraph::new();
+        let nodes: Vec<NodeIndex> = members.iter().map(|&m| g.add_node(m)).collect();
+        let pos = |m: u32| members.iter().position(|&x| x == m);
+        for s in synapses {
+            if let (SynapseSource::Group { group, .. }, Some(d)) = (&s.source, pos(s.dest_group)) {
+                if let Some(a) = pos(*group) {
+                    g.add_edge(nodes[a], nodes[d], ());
+                }
+            }
+        }
+        match toposort(&g, None) {
+            Ok(sorted) => order.extend(sorted.into_iter().map(|n| g[n])),
+            Err(_) => order.extend(members.iter().copied()),
         }
     }
-    match toposort(&g, None) {
-        Ok(order) => order.into_iter().map(|n| g[n]).collect(),
-        Err(_) => (0..groups.len() as u32).collect(),
+    // Anything no stage lists (nothing, for a lowered program) still gets cores.
+    for gi in 0..groups.len() as u32 {
+        if !order.contains(&gi) {
+            order.push(gi);
+        }
     }
+    order
 }
 
 /// Place groups on cores and chips, assign management stages to chips, and build the routing
 /// tables. Diagnostics name the layer and the limit.
 pub fn place(groups: &[Group], synapses: &[SynapseLayer], stages: &mut [Stage], target: &Target, diags: &mut Vec<Diagnostic>) -> (Placement, Vec<Route>) {
     let mut p = Placement { chips: 0, cores: Vec::new(), groups: vec![GroupPlacement { neurons_per_core: 0, parts: 1, cores: Vec::new() }; groups.len()] };
-    for gi in placement_order(groups, synapses) {
+    for gi in placement_order(groups, synapses, stages) {
         let g = &groups[gi as usize];
         let sp = split_of(gi, groups, synapses, target, diags);
         let chunks = g.channels.div_ceil(sp.per_core).max(1);

@@ -180,7 +180,7 @@ impl Target {
         let pos = |name: &str, v: u64| if v == 0 { Err(format!("`{name}` must be positive")) } else { Ok(()) };
         pos("chip.cores", self.chip.cores as u64)?;
         pos("chip.tile_mesh", (self.chip.tile_mesh[0] * self.chip.tile_mesh[1]) as u64)?;
-        if self.chip.cores % (self.chip.tile_mesh[0] * self.chip.tile_mesh[1]) != 0 {
+        if !self.chip.cores.is_multiple_of(self.chip.tile_mesh[0] * self.chip.tile_mesh[1]) {
             return Err(format!("chip.cores ({}) must spread evenly over the {}x{} tiles", self.chip.cores, self.chip.tile_mesh[0], self.chip.tile_mesh[1]));
         }
         pos("board.chips", self.board.chips as u64)?;

@@ -17,7 +17,7 @@ use sparkc_ir::rng::Rng;
 use sparkc_ir::tensor::TensorData;
 use sparkc_ir::{parse_expr, Graph, Op, StateScope, Tensor, ValueType};
 use sparkc_runtime::neuro::ChipSimulator;
-use sparkc_runtime::Session;
+use sparkc_runtime::{generate, GenerateOptions, Sampler, Session};
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
@@ -188,6 +188,19 @@ fn tiny_neuronspark_is_bit_exact_on_the_simulated_chip() {
     let core_synops: u64 = r.cores_detail.iter().map(|c| c.synops).sum();
     assert_eq!(core_synops, r.totals.synops);
     assert!(r.totals.time_per_token_s > 0.0);
+}
+
+#[test]
+fn generation_on_the_chip_matches_the_cpu_integer_mode() {
+    let c = tiny_compiled(8);
+    let prompt = vec![vec![72i64, 101, 108, 108, 111], vec![32, 116, 104, 101, 32]];
+    let opts = GenerateOptions { max_new_tokens: 6, eos_id: None };
+    let mut cpu = Session::new(CpuProgram::compile(&c.quantized.graph).unwrap(), c.quantized.params.clone());
+    let on_cpu = generate(&mut cpu, &prompt, &opts, &mut Sampler::new(0.8, Some(20), None, 5), |_| {}).unwrap();
+    let mut chip = Session::new(ChipSimulator::new(c.program.clone()).unwrap(), BTreeMap::new());
+    let on_chip = generate(&mut chip, &prompt, &opts, &mut Sampler::new(0.8, Some(20), None, 5), |_| {}).unwrap();
+    assert_eq!(on_cpu, on_chip);
+    assert_eq!(on_chip[0].len(), 11);
 }
 
 proptest! {

@@ -15,7 +15,7 @@ pub fn op_count(op: &Op, ins: &[Vec<usize>], outs: &[Vec<usize>]) -> u64 {
                 Some([o, i]) => (*o as u64, *i as u64),
                 _ => (0, 0),
             };
-            let rows = if i == 0 { 0 } else { inp / i };
+            let rows = inp.checked_div(i).unwrap_or(0);
             2 * rows * i * o + if *bias { rows * o } else { 0 }
         }
         Op::RmsNorm { .. } | Op::LateralInhibition { .. } => 4 * out,

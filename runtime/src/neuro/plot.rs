@@ -78,12 +78,13 @@ pub fn activity(path: &Path, rec: &Recording, report: &SimReport) -> Result<(), 
     let root = BitMapBackend::new(path, (1200, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let (top, bottom) = root.split_vertically(450);
-    let frames = rec.activity.iter().map(|a| a.len()).max().unwrap_or(1).max(1);
+    let frames = rec.activity.iter().flat_map(|a| a.last()).map(|&(f, _)| f as usize + 1).max().unwrap_or(1).max(1);
+    // Token-rate layers have a point per token, frame-rate layers one per frame.
     let series: Vec<Vec<(f64, f64)>> = rec
         .activity
         .iter()
         .zip(&rec.rows)
-        .map(|(a, &(_, n))| a.iter().enumerate().map(|(f, &k)| (f as f64, k as f64 / n.max(1) as f64)).collect())
+        .map(|(a, &(_, n))| a.iter().map(|&(f, k)| (f as f64, k as f64 / n.max(1) as f64)).collect())
         .collect();
     let ymax = series.iter().flatten().map(|p| p.1).fold(0.0, f64::max).max(1e-3) * 1.05;
     let mut chart = ChartBuilder::on(&top)

@@ -37,6 +37,8 @@ pub struct LayerStats {
     pub hops: u64,
     pub chip_hops: u64,
     pub energy_pj: f64,
+    /// Busy time of the layer's busiest core over the run, seconds.
+    pub busy_s: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -49,6 +51,9 @@ pub struct CoreStats {
     pub neuron_updates: u64,
     pub events_sent: u64,
     pub packets_received: u64,
+    /// Tile and chip-to-chip hops of the packets this core received.
+    pub hops_in: u64,
+    pub chip_hops_in: u64,
     pub energy_pj: f64,
     /// Busy time over the run (synops and updates at the target's timing), seconds.
     pub busy_s: f64,
@@ -68,8 +73,12 @@ pub struct ChipStats {
     pub synops: u64,
     pub neuron_updates: u64,
     pub events: u64,
+    pub hops: u64,
+    pub chip_hops: u64,
     pub management_ops: u64,
     pub energy_pj: f64,
+    /// Busy time of the chip's busiest core over the run, seconds.
+    pub busy_s: f64,
 }
 
 /// A management or host stage.

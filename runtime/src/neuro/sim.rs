@@ -60,6 +60,8 @@ struct CoreCount {
     active: u64,
     events: u64,
     packets: u64,
+    hops: u64,
+    chip_hops: u64,
     routing_pj: f64,
     busy_s: f64,
 }
@@ -103,8 +105,8 @@ type Kept = HashMap<(u32, u32), Vec<Vec<(u32, i64)>>>;
 pub struct Recording {
     /// (frame, neuron row in the raster, group).
     pub events: Vec<(u32, u32, u32)>,
-    /// Per group: events per frame.
-    pub activity: Vec<Vec<u32>>,
+    /// Per group: (frame, events) for every frame the group updated in.
+    pub activity: Vec<Vec<(u32, u32)>>,
     /// Per group: first raster row and neuron count.
     pub rows: Vec<(u32, u32)>,
     pub names: Vec<String>,
@@ -414,7 +416,7 @@ impl ChipSimulator {
         }
         // Payloads that management cores read, and events kept for later stages.
         let mut out_bufs: HashMap<u32, Vec<i64>> = HashMap::new();
-        let mut stored: HashMap<(u32, u32), Vec<Vec<(u32, i64)>>> = HashMap::new();
+        let mut stored: Kept = HashMap::new();
         for &g in groups {
             let grp = &p.groups[g as usize];
             for (oi, o) in grp.outputs.iter().enumerate() {
@@ -502,6 +504,8 @@ impl ChipSimulator {
                                 let cc = &mut cnt.cores[core as usize];
                                 cc.synops += n;
                                 cc.packets += 1;
+                                cc.hops += hops;
+                                cc.chip_hops += chips;
                                 cc.routing_pj += pj;
                                 let busy = n as f64 * timing.synop_ns * 1e-9;
                                 cc.busy_s += busy;
@@ -620,10 +624,10 @@ impl ChipSimulator {
                         if b == 0 {
                             let (row0, _) = rec.rows[g as usize];
                             let act = &mut rec.activity[g as usize];
-                            if act.len() <= frame {
-                                act.resize(frame + 1, 0);
+                            match act.last_mut() {
+                                Some((f, n)) if *f == frame as u32 => *n += events.len() as u32,
+                                _ => act.push((frame as u32, events.len() as u32)),
                             }
-                            act[frame] += events.len() as u32;
                             for &(n, _) in events {
                                 if rec.events.len() < MAX_RECORDED {
                                     rec.events.push((frame as u32, row0 + n, g));
@@ -681,6 +685,7 @@ impl ChipSimulator {
     pub fn report(&self) -> SimReport {
         build_report(&self.prog, &self.counters)
     }
+
 }
 
 /// Groups of a neuro stage in dependency order (an event source before its destinations).
@@ -731,6 +736,7 @@ fn build_report(p: &SpikeProgram, c: &Counters) -> SimReport {
             hops: gc.hops,
             chip_hops: gc.chip_hops,
             energy_pj: energy,
+            busy_s: 0.0,
         });
         total.synops += gc.synops;
         total.neuron_updates += gc.updates;
@@ -748,6 +754,9 @@ fn build_report(p: &SpikeProgram, c: &Counters) -> SimReport {
     let mut chips: Vec<ChipStats> = (0..pl.chips).map(|chip| ChipStats { chip, ..Default::default() }).collect();
     for (ci, core) in pl.cores.iter().enumerate() {
         let cc = &c.cores[ci];
+        if let Some(l) = layers.get_mut(core.group as usize) {
+            l.busy_s = l.busy_s.max(cc.busy_s);
+        }
         let energy = cc.synops as f64 * e.synop.pj + cc.active as f64 * e.neuron_update_active.pj + (cc.updates - cc.active) as f64 * e.neuron_update_inactive.pj + cc.routing_pj;
         let neurons = if core.part == 0 { core.hi - core.lo } else { 0 };
         let nu = neurons as f64 / t.core.neurons as f64;
@@ -761,6 +770,8 @@ fn build_report(p: &SpikeProgram, c: &Counters) -> SimReport {
             neuron_updates: cc.updates,
             events_sent: cc.events,
             packets_received: cc.packets,
+            hops_in: cc.hops,
+            chip_hops_in: cc.chip_hops,
             energy_pj: energy,
             busy_s: cc.busy_s,
             neuron_utilisation: nu,
@@ -773,6 +784,9 @@ fn build_report(p: &SpikeProgram, c: &Counters) -> SimReport {
             ch.synops += cc.synops;
             ch.neuron_updates += cc.updates;
             ch.events += cc.events;
+            ch.hops += cc.hops;
+            ch.chip_hops += cc.chip_hops;
+            ch.busy_s = ch.busy_s.max(cc.busy_s);
             ch.energy_pj += energy;
         }
     }

@@ -655,6 +655,7 @@ pub fn compile_fixed_scan(model: &NeuronModel, emit: &[String], scope: StateScop
 impl CompiledFixedScan {
     /// Inputs [B,S,C], params [C], initial states [B,C]; returns emitted outputs [B,S,C] and
     /// final states [B,C]. `k` is the frames per token (token scope restarts every k steps).
+    #[allow(clippy::too_many_arguments)]
     pub fn run(&self, inputs: &[&[i64]], params: &[IntOperand], init: &[&[i64]], b: usize, s: usize, k: usize, c: usize) -> (Vec<Vec<i64>>, Vec<Vec<i64>>) {
         let st = &self.step;
         // One task per (batch row, channel): the recurrence is independent across them.
