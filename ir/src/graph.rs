@@ -211,3 +211,39 @@ impl Graph {
         self.g.node_count() == 0
     }
 }
+
+impl Graph {
+    /// Fix the free dims (B, T, ...) from the shapes of the fed inputs: each input's rank and
+    /// constant dims must match its declaration and a symbol must have one size everywhere.
+    /// Inputs `shape_of` does not know are skipped (callers report them as missing). The error
+    /// names the input and, for a conflict, the input that fixed the symbol first.
+    pub fn bind_input_dims<'a>(&self, shape_of: impl Fn(&str) -> Option<&'a [usize]>) -> Result<DimBindings, String> {
+        let mut env = self.dims.clone();
+        let mut bound_by: BTreeMap<String, String> = BTreeMap::new();
+        for (_, name, ty) in self.inputs() {
+            let Some(shape) = shape_of(name) else { continue };
+            let mismatch = || format!("`{name}` has shape {shape:?}, expected {}", ty.shape);
+            if shape.len() != ty.shape.rank() {
+                return Err(mismatch());
+            }
+            for (d, &size) in ty.shape.dims().iter().zip(shape) {
+                match d {
+                    crate::types::Dim::Const(c) if *c as usize != size => return Err(mismatch()),
+                    crate::types::Dim::Sym(s) => match env.get(s) {
+                        Some(&v) if v as usize != size => {
+                            let origin = bound_by.get(s).map(|o| format!(" (from `{o}`)")).unwrap_or_default();
+                            return Err(format!("`{name}` has shape {shape:?}: dimension {s} is {size}, but {s} = {v}{origin}"));
+                        }
+                        Some(_) => {}
+                        None => {
+                            env.insert(s.clone(), size as u64);
+                            bound_by.insert(s.clone(), name.to_string());
+                        }
+                    },
+                    _ => {}
+                }
+            }
+        }
+        Ok(env)
+    }
+}

@@ -11,7 +11,7 @@ use kernels::{dense, fixed, grad, map, reduce, scan};
 use petgraph::stable_graph::NodeIndex;
 use sparkc_ir::tensor::TensorData;
 use sparkc_ir::types::DimBindings;
-use sparkc_ir::{DType, Dim, Graph, Op, Tensor, Value};
+use sparkc_ir::{DType, Graph, Op, Tensor, Value};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
@@ -105,8 +105,7 @@ impl CpuProgram {
 
     /// Bind the free dims from the inputs' shapes, checking every input against its declaration.
     fn bind_inputs<'a>(&self, inputs: &'a BTreeMap<String, Tensor>) -> Result<(DimBindings, HashMap<NodeIndex, Cow<'a, Tensor>>), CpuError> {
-        let mut env = self.graph.dims.clone();
-        let mut bound_by: BTreeMap<String, String> = BTreeMap::new();
+        let env = self.graph.bind_input_dims(|name| inputs.get(name).map(|t| t.shape.as_slice())).map_err(CpuError::Input)?;
         let mut fed = HashMap::new();
         let mut missing = Vec::new();
         for (n, name, ty) in self.graph.inputs() {
@@ -114,31 +113,6 @@ impl CpuProgram {
                 missing.push(name.to_string());
                 continue;
             };
-            if t.shape.len() != ty.shape.rank() {
-                return Err(CpuError::Input(format!("`{name}` has shape {:?}, expected {}", t.shape, ty.shape)));
-            }
-            for (d, &size) in ty.shape.dims().iter().zip(&t.shape) {
-                match d {
-                    Dim::Const(c) if *c as usize != size => {
-                        return Err(CpuError::Input(format!("`{name}` has shape {:?}, expected {}", t.shape, ty.shape)));
-                    }
-                    Dim::Sym(s) => match env.get(s) {
-                        Some(&v) if v as usize != size => {
-                            let origin = bound_by.get(s).map(|o| format!(" (from `{o}`)")).unwrap_or_default();
-                            return Err(CpuError::Input(format!(
-                                "`{name}` has shape {:?}: dimension {s} is {size}, but {s} = {v}{origin}",
-                                t.shape
-                            )));
-                        }
-                        Some(_) => {}
-                        None => {
-                            env.insert(s.clone(), size as u64);
-                            bound_by.insert(s.clone(), name.to_string());
-                        }
-                    },
-                    _ => {}
-                }
-            }
             let value = match (ty.dtype, &t.data) {
                 (DType::I64 | DType::I32, TensorData::I64(_)) | (DType::F32, TensorData::F32(_)) => Cow::Borrowed(t),
                 (DType::F32, TensorData::I64(v)) => Cow::Owned(Tensor::f32(t.shape.clone(), v.iter().map(|&x| x as f32).collect())),

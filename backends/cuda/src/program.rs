@@ -9,7 +9,7 @@ use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
 use sparkc_ir::tensor::TensorData;
 use sparkc_ir::types::DimBindings;
-use sparkc_ir::{DType, Dim, Graph, NodeIndex, Op, Tensor, Value};
+use sparkc_ir::{DType, Graph, NodeIndex, Op, Tensor, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -282,26 +282,10 @@ impl GpuProgram {
 
     /// Run the graph on host inputs (parameters come from [`GpuProgram::set_params`]).
     pub fn run(&self, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, CudaError> {
-        let mut env: DimBindings = self.graph.dims.clone();
+        let env: DimBindings = self.graph.bind_input_dims(|name| inputs.get(name).map(|t| t.shape.as_slice())).map_err(CudaError::Input)?;
         let mut fed: HashMap<NodeIndex, DevTensor> = HashMap::new();
         for (n, name, ty) in self.graph.inputs() {
             let t = inputs.get(name).ok_or_else(|| CudaError::Input(format!("missing input `{name}`")))?;
-            if t.shape.len() != ty.shape.rank() {
-                return Err(CudaError::Input(format!("`{name}` has shape {:?}, expected {}", t.shape, ty.shape)));
-            }
-            for (d, &size) in ty.shape.dims().iter().zip(&t.shape) {
-                match d {
-                    Dim::Const(c) if *c as usize != size => return Err(CudaError::Input(format!("`{name}` has shape {:?}, expected {}", t.shape, ty.shape))),
-                    Dim::Sym(s) => match env.get(s) {
-                        Some(&v) if v as usize != size => return Err(CudaError::Input(format!("`{name}`: dimension {s} is {size}, but {s} = {v}"))),
-                        None => {
-                            env.insert(s.clone(), size as u64);
-                        }
-                        _ => {}
-                    },
-                    _ => {}
-                }
-            }
             let t = match (ty.dtype, &t.data) {
                 (DType::F32, TensorData::I64(v)) => Tensor::f32(t.shape.clone(), v.iter().map(|&x| x as f32).collect()),
                 (DType::I64 | DType::I32, TensorData::F32(_)) => return Err(CudaError::Input(format!("`{name}` must be an integer tensor"))),
