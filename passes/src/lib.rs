@@ -5,4 +5,5 @@ pub mod autodiff;
 pub mod cost;
 pub mod center_fold;
 pub mod quantize;
+pub mod scan_fusion;
 pub mod users;

@@ -674,7 +674,7 @@ impl Rewriter<'_> {
                 let row_max: Vec<f64> = {
                     let w: &[f32] = w;
                     par_rows(o, |rows| {
-                        rows.map(|r| w[r * i..(r + 1) * i].iter().zip(scale).fold(0f64, |a, (&x, &s)| a.max((x as f64 * s).abs()))).collect::<Vec<_>>()
+                        rows.map(|r| row_abs_max(&w[r * i..(r + 1) * i], scale)).collect::<Vec<_>>()
                     })
                     .concat()
                 };
@@ -729,23 +729,26 @@ fn quantize_rows(w: &mut [f32], scale: &[f64], unit: &[f64], wmax: f64, i: usize
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     let rows = unit.len();
     let per = rows.div_ceil(threads.max(1)).max(1);
+    let inv_scale: Vec<f64> = scale.iter().map(|&s| 1.0 / s).collect();
     std::thread::scope(|s| {
         let handles: Vec<_> = w
             .chunks_mut(per * i.max(1))
             .enumerate()
             .map(|(t, chunk)| {
+                let inv_scale = &inv_scale;
                 s.spawn(move || {
                     let mut e = ErrAcc::default();
+                    #[cfg(target_arch = "x86_64")]
+                    let wide = std::arch::is_x86_feature_detected!("avx2");
                     for (rr, row) in chunk.chunks_mut(i.max(1)).enumerate() {
                         let u = unit[t * per + rr];
-                        for (k, q) in row.iter_mut().enumerate() {
-                            let x = *q as f64;
-                            let y = (x * scale[k] / u).clamp(-wmax, wmax);
-                            // Half away from zero, as `round` (without a libm call per weight).
-                            let v = ((y.abs() + 0.5) as i64) as f64 * y.signum();
-                            *q = v as f32;
-                            e.add(x, v * u / scale[k]);
+                        #[cfg(target_arch = "x86_64")]
+                        if wide {
+                            // SAFETY: the CPU has AVX2 (checked above).
+                            e = e.merge(&unsafe { quantize_row_avx2(row, scale, inv_scale, u, wmax) });
+                            continue;
                         }
+                        e = e.merge(&quantize_row(row, scale, inv_scale, u, wmax));
                     }
                     e
                 })
@@ -753,6 +756,74 @@ fn quantize_rows(w: &mut [f32], scale: &[f64], unit: &[f64], wmax: f64, i: usize
             .collect();
         handles.into_iter().map(|h| h.join().expect("a quantization thread panicked")).fold(ErrAcc::default(), |a, b| a.merge(&b))
     })
+}
+
+/// [`quantize_row`] compiled for AVX2 (4 f64 lanes instead of baseline SSE2's 2); same
+/// arithmetic, same results.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(row: &mut [f32], scale: &[f64], inv_scale: &[f64], u: f64, wmax: f64) -> ErrAcc {
+    quantize_row(row, scale, inv_scale, u, wmax)
+}
+
+/// One row of [`quantize_rows`], in `LANES` independent accumulators so that the compiler
+/// vectorises it (874 M weights in the 0.9B model); the lane order is fixed, so results are
+/// deterministic.
+#[inline(always)]
+fn quantize_row(row: &mut [f32], scale: &[f64], inv_scale: &[f64], u: f64, wmax: f64) -> ErrAcc {
+    const LANES: usize = 8;
+    // 2^52: adding and subtracting it rounds an f64 below 2^52 to an integer without a libm call.
+    const MAGIC: f64 = 4_503_599_627_370_496.0;
+    let inv_u = 1.0 / u;
+    let (mut max, mut sum, mut sig, mut noise) = ([0f64; LANES], [0f64; LANES], [0f64; LANES], [0f64; LANES]);
+    let mut one = |q: &mut f32, s: f64, is: f64, l: usize| {
+        let x = *q as f64;
+        let y = (x * s * inv_u).clamp(-wmax, wmax);
+        // Half away from zero, as `round`: floor(|y| + 0.5) with the sign put back.
+        let t = y.abs() + 0.5;
+        let r = (t + MAGIC) - MAGIC;
+        let fl = if r > t { r - 1.0 } else { r };
+        let v = fl.copysign(y);
+        *q = v as f32;
+        let d = (x - v * u * is).abs();
+        max[l] = if d > max[l] { d } else { max[l] };
+        sum[l] += d;
+        sig[l] += x * x;
+        noise[l] += d * d;
+    };
+    let n = row.len();
+    let full = n / LANES * LANES;
+    for c in (0..full).step_by(LANES) {
+        for l in 0..LANES {
+            one(&mut row[c + l], scale[c + l], inv_scale[c + l], l);
+        }
+    }
+    for k in full..n {
+        one(&mut row[k], scale[k], inv_scale[k], 0);
+    }
+    let mut e = ErrAcc { n, ..ErrAcc::default() };
+    for l in 0..LANES {
+        e.max = e.max.max(max[l]);
+        e.sum += sum[l];
+        e.sig += sig[l];
+        e.noise += noise[l];
+    }
+    e
+}
+
+/// max_k |w[k]·scale[k]| in lanes (vectorised, exact: max does not depend on order).
+fn row_abs_max(w: &[f32], scale: &[f64]) -> f64 {
+    const LANES: usize = 8;
+    let mut m = [0f64; LANES];
+    let (cw, cs) = (w.chunks_exact(LANES), scale.chunks_exact(LANES));
+    let tail = cw.remainder().iter().zip(cs.remainder()).fold(0f64, |a, (&x, &s)| a.max((x as f64 * s).abs()));
+    for (xw, xs) in cw.zip(cs) {
+        for l in 0..LANES {
+            let v = (xw[l] as f64 * xs[l]).abs();
+            m[l] = if v > m[l] { v } else { m[l] };
+        }
+    }
+    m.iter().fold(tail, |a, &b| a.max(b))
 }
 
 /// Per-channel clipping magnitudes that minimise the squared quantization error of the samples

@@ -43,52 +43,10 @@ pub enum FormatError {
 
 // ---------------------------------------------------------------- CRC-32 (IEEE)
 
-/// Slicing-by-8 tables: table[k][b] is the CRC of byte b followed by k zero bytes.
-fn crc_tables() -> &'static [[u32; 256]; 8] {
-    static T: std::sync::OnceLock<[[u32; 256]; 8]> = std::sync::OnceLock::new();
-    T.get_or_init(|| {
-        let mut t = [[0u32; 256]; 8];
-        for (i, e) in t[0].iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-            }
-            *e = c;
-        }
-        for k in 1..8 {
-            for i in 0..256 {
-                let prev = t[k - 1][i];
-                t[k][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
-            }
-        }
-        t
-    })
-}
-
-/// CRC-32 (IEEE 802.3), eight bytes at a time.
+/// CRC-32 (IEEE 802.3). crc32fast picks a carry-less-multiply kernel at run time: the 0.9B
+/// program's 0.9 GB checksum takes ~0.1 s instead of ~0.7 s with table slicing.
 pub fn crc32(data: &[u8]) -> u32 {
-    !crc32_update(!0u32, data)
-}
-
-/// The running CRC register after `data` (no initial or final inversion).
-fn crc32_update(mut c: u32, data: &[u8]) -> u32 {
-    let t = crc_tables();
-    let mut chunks = data.chunks_exact(8);
-    for ch in &mut chunks {
-        let lo = c ^ u32::from_le_bytes([ch[0], ch[1], ch[2], ch[3]]);
-        c = t[7][(lo & 0xff) as usize]
-            ^ t[6][((lo >> 8) & 0xff) as usize]
-            ^ t[5][((lo >> 16) & 0xff) as usize]
-            ^ t[4][(lo >> 24) as usize]
-            ^ t[3][ch[4] as usize]
-            ^ t[2][ch[5] as usize]
-            ^ t[1][ch[6] as usize]
-            ^ t[0][ch[7] as usize];
-    }
-    for &b in chunks.remainder() {
-        c = t[0][((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
-    }
-    c
+    crc32fast::hash(data)
 }
 
 // ---------------------------------------------------------------- writing
@@ -441,8 +399,14 @@ fn payload(p: &SpikeProgram) -> Vec<Seg<'_>> {
         for &d in &t.shape {
             s.u64(d as u64);
         }
-        for x in t.to_f32_vec() {
-            s.cur.extend_from_slice(&x.to_le_bytes());
+        match t.as_f32() {
+            // Borrowed, not copied: the embedding table is the largest host parameter.
+            Some(v) if cfg!(target_endian = "little") => s.big(bytemuck::cast_slice(v)),
+            _ => {
+                for x in t.to_f32_vec() {
+                    s.cur.extend_from_slice(&x.to_le_bytes());
+                }
+            }
         }
     }
     s.end(at);
@@ -452,7 +416,9 @@ fn payload(p: &SpikeProgram) -> Vec<Seg<'_>> {
 
 fn header(segs: &[Seg]) -> [u8; HEADER] {
     let len: u64 = segs.iter().map(|x| x.bytes().len() as u64).sum();
-    let crc = !segs.iter().fold(!0u32, |c, x| crc32_update(c, x.bytes()));
+    let mut hasher = crc32fast::Hasher::new();
+    segs.iter().for_each(|x| hasher.update(x.bytes()));
+    let crc = hasher.finalize();
     let mut h = [0u8; HEADER];
     h[..8].copy_from_slice(MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
