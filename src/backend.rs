@@ -7,6 +7,17 @@ use sparkc_backend_cuda::{Gpu, GpuProgram};
 use sparkc_ir::Graph;
 use sparkc_runtime::Executor;
 
+/// The graph a backend runs, before autodiff: the CUDA backend fuses modulation prologues and
+/// output epilogues into the neuron scans (so that the backward is fused too); the CPU backend,
+/// the oracle, runs the graph as built.
+pub fn prepare(backend: &str, graph: Graph) -> Result<Graph> {
+    if backend != "cuda" {
+        return Ok(graph);
+    }
+    let (fused, _report) = sparkc_passes::scan_fusion::fuse_scans(&graph)?;
+    Ok(fused)
+}
+
 /// `precision` is `f32` (exact, the default) or `bf16` (bf16 GEMM operands, CUDA only).
 pub fn executor(backend: &str, precision: &str, graph: &Graph) -> Result<Box<dyn Executor>> {
     let precision = match precision {

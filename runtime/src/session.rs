@@ -17,6 +17,13 @@ pub trait Executor {
 
     /// The parameters were updated in place (an optimizer step): device copies are stale.
     fn params_changed(&mut self) {}
+
+    /// Start `batch` new sequences with the carried values kept by the executor itself (on
+    /// the device): `execute` then neither takes nor returns them. `false` when the executor
+    /// does not keep state (the session then carries it on the host).
+    fn start_sequences(&mut self, _batch: usize) -> Result<bool, RuntimeError> {
+        Ok(false)
+    }
 }
 
 impl Executor for CpuProgram {
@@ -36,11 +43,20 @@ impl Executor for sparkc_backend_cuda::GpuProgram {
 
     fn execute(&mut self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         self.set_params(params)?;
-        Ok(self.run(inputs)?)
+        if self.keeps_state() {
+            Ok(self.run_resident(inputs)?)
+        } else {
+            Ok(self.run(inputs)?)
+        }
     }
 
     fn params_changed(&mut self) {
         self.forget_params();
+    }
+
+    fn start_sequences(&mut self, batch: usize) -> Result<bool, RuntimeError> {
+        sparkc_backend_cuda::GpuProgram::start_sequences(self, batch)?;
+        Ok(true)
     }
 }
 
@@ -55,6 +71,10 @@ impl Executor for Box<dyn Executor> {
 
     fn params_changed(&mut self) {
         (**self).params_changed()
+    }
+
+    fn start_sequences(&mut self, batch: usize) -> Result<bool, RuntimeError> {
+        (**self).start_sequences(batch)
     }
 }
 
@@ -77,12 +97,16 @@ pub struct Session<E: Executor> {
     params: BTreeMap<String, Tensor>,
     carried: Vec<(String, Vec<usize>)>,
     state: BTreeMap<String, Tensor>,
+    /// New sequences asked for by `reset`, started at the next step (starting can fail).
+    pending: Option<usize>,
+    /// The executor keeps the carried values (on the device); `state` stays empty.
+    kept_by_executor: bool,
 }
 
 impl<E: Executor> Session<E> {
     pub fn new(exec: E, params: BTreeMap<String, Tensor>) -> Session<E> {
         let carried = carried_values(exec.graph());
-        Session { exec, params, carried, state: BTreeMap::new() }
+        Session { exec, params, carried, state: BTreeMap::new(), pending: None, kept_by_executor: false }
     }
 
     pub fn executor(&self) -> &E {
@@ -93,8 +117,11 @@ impl<E: Executor> Session<E> {
         &self.params
     }
 
-    /// Start new sequences: every carried value becomes zeros for `batch` rows.
+    /// Start new sequences: every carried value becomes zeros for `batch` rows. An executor
+    /// that keeps state on its device is told at the next step.
     pub fn reset(&mut self, batch: usize) {
+        self.pending = Some(batch);
+        self.kept_by_executor = false;
         self.state = self
             .carried
             .iter()
@@ -106,6 +133,7 @@ impl<E: Executor> Session<E> {
             .collect();
     }
 
+    /// The carried values, when the session holds them (empty while the executor keeps them).
     pub fn state(&self) -> &BTreeMap<String, Tensor> {
         &self.state
     }
@@ -113,6 +141,15 @@ impl<E: Executor> Session<E> {
     /// Run on `inputs` continuing from the carried state, then keep the new state.
     /// The outputs include the new state values too.
     pub fn step(&mut self, mut inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        if let Some(batch) = self.pending.take() {
+            if self.exec.start_sequences(batch)? {
+                self.kept_by_executor = true;
+                self.state.clear();
+            }
+        }
+        if self.kept_by_executor {
+            return self.exec.execute(&inputs, &self.params);
+        }
         if self.state.is_empty() && !self.carried.is_empty() {
             return Err(RuntimeError::Usage("call `reset(batch)` before the first step".into()));
         }

@@ -4,7 +4,10 @@
 use super::bench::Args;
 use crate::model_source::load_config;
 use anyhow::Result;
-use sparkc_backend_cuda::bench::time_scan_forward;
+use anyhow::Context;
+use sparkc_backend_cuda::bench::{time_scan, ScanCase};
+use sparkc_backend_cuda::codegen::Elem;
+use sparkc_backend_cuda::scan_codegen::ScanIo;
 use sparkc_backend_cuda::program::Precision;
 use sparkc_backend_cuda::{Gpu, GpuProgram};
 use sparkc_frontend::init::init_params;
@@ -20,30 +23,51 @@ pub fn run(a: &Args) -> Result<()> {
     let mut json = serde_json::Map::new();
 
     // 1. Scans at the shapes the original was measured at (S = 511 tokens x 16 frames).
-    println!("\nneuron scans, forward (f32, generated from the neuron model; original: spec §9)");
-    println!("  {:<44} {:>9} {:>9} {:>10}", "scan", "columns", "ms", "GB/s");
-    let cases = [
-        ("selective PLIF (SNNBlock hidden), B=2", neuron::selective_plif(), "vpost", 7168usize, 4.01),
-        ("PLIF row-param (FFN gate+up merged), B=2", neuron::plif(), "leak", 5376, 3.34),
-        ("PLIF row-param (input/output neuron), B=2", neuron::plif(), "leak", 896, 3.18),
-    ];
-    let mut scans = Vec::new();
-    for (label, model, emit, c, original) in cases {
-        for unroll in [8usize, 16, 32] {
-            let t = time_scan_forward(&gpu, &model, &[emit.to_string()], 2, 8176, 16, c, 20, unroll)?;
-            let shown = format!("{label} [unroll {unroll}]");
-            println!("  {shown:<54} {:>7} {:>9.3} {:>10.0}   (original {original} ms)", 2 * c, t.median_ms, t.gb_per_s());
-            scans.push(serde_json::json!({"scan": label, "unroll": unroll, "columns": 2 * c, "ms": t.median_ms, "gb_per_s": t.gb_per_s(), "bytes": t.bytes, "original_ms": original}));
-        }
-    }
-    json.insert("scans_forward".into(), scans.into());
-
-    // 2. Prefill and decode on the model of --config (random init), in both GEMM precisions.
     let cfg = load_config(&a.config, None)?;
     let graph = build_graph(&cfg, &GraphOptions::default())?;
+    let fused_graph = crate::backend::prepare("cuda", graph.clone())?;
+    let fused = fused_selective_model(&fused_graph)?;
+    println!("\nneuron scans at B=2, S=8176 (511 tokens x 16 frames), generated from the neuron models; original: spec §9");
+    println!("  {:<62} {:>7} {:>8} {:>7} {:>8} {:>7}", "scan", "columns", "fwd ms", "GB/s", "bwd ms", "GB/s");
+    let (f32x, bf16x) = (Elem::F32, Elem::Bf16);
+    let sel = neuron::selective_plif();
+    let plif = neuron::plif();
+    let (vpost, leak) = (vec!["vpost".to_string()], vec!["leak".to_string()]);
+    struct Row<'a> {
+        label: &'a str,
+        case: ScanCase<'a>,
+        original: (f64, f64),
+    }
+    let case = |model, emit, inputs: Vec<Elem>, outputs: Vec<Elem>, range, c, simple| {
+        let fast = outputs.contains(&Elem::Bf16);
+        ScanCase { model, emit, io: ScanIo { inputs, outputs }, range, b: 2, s: 8176, k: 16, c, simple_unroll: simple, fast }
+    };
+    let rows = [
+        Row { label: "selective PLIF, fused prologue, bf16 in/out (what runs)", case: case(&fused, &vpost, vec![bf16x; fused.inputs.len()], vec![bf16x], (-1.0, 1.0), 7168, None), original: (4.01, 5.56) },
+        Row { label: "selective PLIF, unfused, f32 in/out, tiled", case: case(&sel, &vpost, vec![f32x; 3], vec![f32x], (0.05, 0.95), 7168, None), original: (4.01, 5.56) },
+        Row { label: "selective PLIF, unfused, f32, one thread per column", case: case(&sel, &vpost, vec![f32x; 3], vec![f32x], (0.05, 0.95), 7168, Some(16)), original: (4.01, 5.56) },
+        Row { label: "PLIF row-param (FFN gate+up), bf16 in/out", case: case(&plif, &leak, vec![bf16x], vec![bf16x], (-1.0, 1.0), 5376, None), original: (3.34, 4.9) },
+        Row { label: "PLIF row-param (input/output neuron), f32 in, bf16 out", case: case(&plif, &leak, vec![f32x], vec![bf16x], (-1.0, 1.0), 896, None), original: (3.18, 4.6) },
+    ];
+    let mut scans = Vec::new();
+    for r in &rows {
+        let (f, bwd) = time_scan(&gpu, &r.case, 20)?;
+        println!(
+            "  {:<62} {:>7} {:>8.3} {:>7.0} {:>8.3} {:>7.0}   (original {} / {} ms)",
+            r.label, 2 * r.case.c, f.median_ms, f.gb_per_s(), bwd.median_ms, bwd.gb_per_s(), r.original.0, r.original.1
+        );
+        scans.push(serde_json::json!({
+            "scan": r.label, "columns": 2 * r.case.c, "forward_ms": f.median_ms, "forward_gb_per_s": f.gb_per_s(), "forward_bytes": f.bytes,
+            "backward_ms": bwd.median_ms, "backward_gb_per_s": bwd.gb_per_s(), "backward_bytes": bwd.bytes,
+            "original_forward_ms": r.original.0, "original_backward_ms": r.original.1,
+        }));
+    }
+    json.insert("scans".into(), scans.into());
+
+    // 2. Prefill and decode on the model of --config (random init), in both GEMM precisions.
     let params = init_params(&cfg, 0);
     for precision in [Precision::F32, Precision::Bf16] {
-        let session = Session::new(GpuProgram::compile_with(Gpu::new(0)?, &graph, precision)?, params.clone());
+        let session = Session::new(GpuProgram::compile_with(Gpu::new(0)?, &fused_graph, precision)?, params.clone());
         model_timings(a, &cfg, session, precision, &mut json)?;
     }
     println!("\ntraining at this size on the CUDA backend: not yet (no activation recompute, host-side optimizer); `sparkc train --backend cuda` runs smaller models");
@@ -85,15 +109,34 @@ fn model_timings(
     for b in [1usize, 8] {
         session.reset(b);
         session.step(BTreeMap::from([("input_ids".to_string(), ids(b, 4))]))?;
-        let steps = 16;
+        // Two one-token steps first: the first runs op by op, the second is captured as a CUDA
+        // graph; the timed steps replay it.
+        for _ in 0..2 {
+            session.step(BTreeMap::from([("input_ids".to_string(), ids(b, 1))]))?;
+        }
+        let steps = 32;
         let s = Instant::now();
         for _ in 0..steps {
             session.step(BTreeMap::from([("input_ids".to_string(), ids(b, 1))]))?;
         }
         let secs = s.elapsed().as_secs_f64();
         let tps = (b * steps) as f64 / secs;
-        println!("  decode B={b}: {:.1} ms/step, {tps:.1} tokens/s", secs / steps as f64 * 1e3);
+        println!("  decode B={b}: {:.2} ms/step, {tps:.1} tokens/s (state on the device, step replayed as a CUDA graph)", secs / steps as f64 * 1e3);
         json.insert(format!("decode_b{b}_tokens_per_s_{tag}"), tps.into());
     }
     Ok(())
+}
+
+/// The neuron model the scan-fusion pass made for the SNNBlock's hidden neurons (selective PLIF
+/// with its modulation prologue).
+fn fused_selective_model(g: &sparkc_ir::Graph) -> Result<sparkc_ir::neuron::NeuronModel> {
+    for n in g.g.node_indices() {
+        let node = g.node(n);
+        if let sparkc_ir::Op::Scan { neuron, .. } = &node.op {
+            if node.name.ends_with("hidden_neuron") {
+                return Ok(g.neurons[neuron].clone());
+            }
+        }
+    }
+    None.context("the fused graph has no SNNBlock hidden-neuron scan")
 }

@@ -112,7 +112,7 @@ pub fn run(a: Args) -> Result<()> {
         rows
     } else {
         let params = load_weights(&cfg, a.weights.as_deref(), a.init_seed)?;
-        let graph = build_graph(&cfg, &GraphOptions::default())?;
+        let graph = crate::backend::prepare(&a.backend, build_graph(&cfg, &GraphOptions::default())?)?;
         let mut session = Session::new(crate::backend::executor(&a.backend, &a.precision, &graph)?, params);
         generate(&mut session, &prompt, &opts, &mut sampler, |n| bar.set_position(n as u64))?
     };

@@ -88,7 +88,7 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--grads-out needs `target_ids` in {file}");
     }
     let opts = GraphOptions { with_loss: targets.is_some(), ponder_weight: a.ponder_weight, debug_outputs: false };
-    let mut graph = build_graph(&cfg, &opts)?;
+    let mut graph = crate::backend::prepare(&a.backend, build_graph(&cfg, &opts)?)?;
     if a.grads_out.is_some() {
         graph = differentiate(&graph, "total_loss", &[])?;
     }

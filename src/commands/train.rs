@@ -94,6 +94,10 @@ pub struct Args {
     /// Where the forward and backward passes run: cpu or cuda (the optimizer runs on the host).
     #[arg(long, default_value = "cpu")]
     pub backend: String,
+    /// GEMM precision on the GPU: f32 (exact, as the CPU) or bf16 (bf16 GEMMs and activations,
+    /// fp32 master weights, optimizer, scans and residual stream — the original's recipe).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
 }
 
 /// The TOML file.
@@ -285,8 +289,9 @@ pub fn run(a: Args) -> Result<()> {
     let params = load_weights(&cfg, file.weights.as_deref(), init_seed)?;
 
     let graph = build_graph(&cfg, &GraphOptions { with_loss: true, ponder_weight: tcfg.ponder_weight, debug_outputs: false })?;
+    let graph = crate::backend::prepare(&a.backend, graph)?;
     let graph = differentiate(&graph, "total_loss", &[])?;
-    let program = crate::backend::executor(&a.backend, "f32", &graph)?;
+    let program = crate::backend::executor(&a.backend, &a.precision, &graph)?;
     let neuron: Vec<String> = param_specs(&cfg).into_iter().filter(|s| s.neuron_group).map(|s| s.key).collect();
     let hook: Option<GradHook> = if tcfg.compensate {
         let (cfg2, c_max) = (cfg.clone(), tcfg.c_max);

@@ -53,7 +53,7 @@ fn arch_name(major: i32, minor: i32) -> &'static str {
     }
 }
 
-fn fnv64(parts: &[&str]) -> u64 {
+pub(crate) fn fnv64(parts: &[&str]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
         for b in p.bytes().chain([0u8]) {
@@ -72,30 +72,76 @@ fn cache_dir() -> PathBuf {
     home.unwrap_or_else(std::env::temp_dir).join("sparkc").join("cuda")
 }
 
+/// The device memory pool: stream-ordered allocations (cuMemAllocAsync) come from the device's
+/// default pool; raising its release threshold keeps freed blocks in the pool instead of
+/// returning them to the driver at every synchronisation, so a training step or decode step
+/// reuses the previous one's memory without new driver allocations.
+fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<(), CudaError> {
+    use cudarc::driver::sys;
+    let err = |what: &str, r: sys::CUresult| CudaError::Driver(format!("{what}: {r:?}"));
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: plain driver calls on the context's device with valid out-pointers.
+    unsafe {
+        let r = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(err("cuDeviceGetDefaultMemPool", r));
+        }
+        let mut threshold: u64 = u64::MAX;
+        let r = sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut threshold) as *mut u64 as *mut _);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(err("cuMemPoolSetAttribute", r));
+        }
+    }
+    Ok(())
+}
+
 impl Gpu {
     pub fn new(ordinal: usize) -> Result<Gpu, CudaError> {
         if let Some(why) = unavailable_reason() {
             return Err(CudaError::Unavailable(why));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::Driver(format!("cannot open GPU {ordinal}: {e:?}")))?;
-        let stream = ctx.default_stream();
+        // One stream: per-buffer events for cross-stream ordering would only cost two event
+        // creations per allocation.
+        // SAFETY: nothing here uses a second stream.
+        unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx)?;
+        // A stream of our own: the legacy default stream cannot be captured into a CUDA graph.
+        let stream = ctx.new_stream().map_err(|e| CudaError::Driver(format!("creating a stream: {e:?}")))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| CudaError::Driver(format!("{e:?}")))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         Ok(Gpu { ctx, stream, blas, arch: arch_name(major, minor), name })
     }
 
-    /// Compile CUDA C to PTX (or take it from the cache) and load it.
+    /// Compile CUDA C to PTX (or take it from the cache) and load it, with IEEE arithmetic
+    /// and no contraction: the same rounding as the CPU oracle, which the goldens check.
     pub fn load(&self, src: &str) -> Result<Arc<CudaModule>, CudaError> {
-        // fmad off: the same rounding as the CPU oracle, which the goldens check.
-        let opts_key = "fmad=false";
+        self.load_with(src, false)
+    }
+
+    /// [`Gpu::load`]; `fast` compiles with fast math (approximate exp/log/division, fused
+    /// multiply-add, denormals flushed) for bf16 programs, whose storage rounds far more.
+    pub fn load_with(&self, src: &str, fast: bool) -> Result<Arc<CudaModule>, CudaError> {
+        let opts_key = if fast { "fast-math" } else { "fmad=false" };
+        let fast_src;
+        let src = if fast {
+            fast_src = format!("#define SP_FAST 1\n{src}");
+            fast_src.as_str()
+        } else {
+            src
+        };
         let key = format!("{:016x}", fnv64(&[src, opts_key, self.arch]));
         let dir = cache_dir();
         let path = dir.join(format!("{key}.ptx"));
         let ptx = match std::fs::read_to_string(&path) {
             Ok(text) => Ptx::from_src(text),
             Err(_) => {
-                let opts = CompileOptions { fmad: Some(false), arch: Some(self.arch), ..Default::default() };
+                let opts = if fast {
+                    CompileOptions { use_fast_math: Some(true), fmad: Some(true), arch: Some(self.arch), ..Default::default() }
+                } else {
+                    CompileOptions { fmad: Some(false), arch: Some(self.arch), ..Default::default() }
+                };
                 let ptx = compile_ptx_with_opts(src, opts).map_err(|e| CudaError::Compile(format!("{e}")))?;
                 // A failed cache write only costs a recompile next time.
                 if std::fs::create_dir_all(&dir).is_ok() {

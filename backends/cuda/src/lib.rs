@@ -8,6 +8,7 @@ pub mod codegen;
 pub mod device;
 pub mod library;
 pub mod program;
+pub mod scan_codegen;
 
 pub use device::{unavailable_reason, Gpu};
 pub use program::GpuProgram;

@@ -1,44 +1,102 @@
 //! A graph compiled for the GPU: one CUDA module per graph (generated map and scan kernels plus
 //! the library), cuBLAS for the linear layers, device-resident parameters.
 
-use crate::codegen;
+use crate::codegen::{self, Elem};
 use crate::device::Gpu;
+use crate::scan_codegen::{self, ScanIo, TilePlan};
 use crate::library::LIBRARY;
 use crate::CudaError;
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 use sparkc_ir::tensor::TensorData;
 use sparkc_ir::types::DimBindings;
 use sparkc_ir::{DType, Graph, NodeIndex, Op, Tensor, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 /// A tensor on the device.
 pub enum DevTensor {
     F32 { shape: Vec<usize>, data: CudaSlice<f32> },
+    /// bf16 bit patterns (activations that GEMMs read or write, in bf16 precision).
+    Bf16 { shape: Vec<usize>, data: CudaSlice<u16> },
     I64 { shape: Vec<usize>, data: CudaSlice<i64> },
 }
 
 impl DevTensor {
     pub fn shape(&self) -> &[usize] {
         match self {
-            DevTensor::F32 { shape, .. } | DevTensor::I64 { shape, .. } => shape,
+            DevTensor::F32 { shape, .. } | DevTensor::Bf16 { shape, .. } | DevTensor::I64 { shape, .. } => shape,
         }
     }
 
     fn f32(&self) -> Option<&CudaSlice<f32>> {
         match self {
             DevTensor::F32 { data, .. } => Some(data),
-            DevTensor::I64 { .. } => None,
+            _ => None,
         }
     }
 
     fn i64(&self) -> Option<&CudaSlice<i64>> {
         match self {
             DevTensor::I64 { data, .. } => Some(data),
-            DevTensor::F32 { .. } => None,
+            _ => None,
         }
     }
+
+    fn elem(&self) -> Option<Elem> {
+        match self {
+            DevTensor::F32 { .. } => Some(Elem::F32),
+            DevTensor::Bf16 { .. } => Some(Elem::Bf16),
+            DevTensor::I64 { .. } => None,
+        }
+    }
+
+    /// Push the device pointer as a kernel argument, whatever the element type.
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        match self {
+            DevTensor::F32 { data, .. } => b.arg(data),
+            DevTensor::Bf16 { data, .. } => b.arg(data),
+            DevTensor::I64 { data, .. } => b.arg(data),
+        };
+    }
+
+    fn push_mut<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
+        match self {
+            DevTensor::F32 { data, .. } => b.arg(data),
+            DevTensor::Bf16 { data, .. } => b.arg(data),
+            DevTensor::I64 { data, .. } => b.arg(data),
+        };
+    }
+
+    fn ptr(&self, st: &Arc<cudarc::driver::CudaStream>) -> u64 {
+        use cudarc::driver::DevicePtr;
+        match self {
+            DevTensor::F32 { data, .. } => data.device_ptr(st).0,
+            DevTensor::Bf16 { data, .. } => data.device_ptr(st).0,
+            DevTensor::I64 { data, .. } => data.device_ptr(st).0,
+        }
+    }
+}
+
+/// Checkpoints a forward scan keeps for its reverse scan (one buffer per state variable).
+type Tapes = HashMap<NodeIndex, Vec<CudaSlice<f32>>>;
+
+/// The carried values of a program kept on the device between runs, and the captured step.
+struct Resident {
+    batch: usize,
+    state: BTreeMap<String, DevTensor>,
+    captured: Option<Captured>,
+    /// The per-step input shapes of the previous run: a second run like it is captured.
+    seen: Option<Vec<(String, Vec<usize>)>>,
+}
+
+/// A per-step run captured as a CUDA graph, with the buffers it reads inputs from and writes
+/// outputs to.
+struct Captured {
+    key: Vec<(String, Vec<usize>)>,
+    inputs: BTreeMap<String, DevTensor>,
+    outputs: BTreeMap<String, DevTensor>,
+    graph: cudarc::driver::CudaGraph,
 }
 
 enum Slot<'a> {
@@ -60,8 +118,10 @@ impl Slot<'_> {
 pub enum Precision {
     /// fp32 GEMMs (no TF32): matches the CPU oracle to rounding; what the goldens check.
     F32,
-    /// bf16 GEMM operands with fp32 accumulation and output, as the original's autocast; scans,
-    /// norms and the residual stream stay fp32.
+    /// bf16 GEMM operands with fp32 accumulation, as the original's autocast: activations that
+    /// only GEMMs, element-wise maps and scans read are stored in bf16 (a GEMM writes them in
+    /// bf16, a scan reads them); scan state and arithmetic, norms, the residual stream,
+    /// weights and their gradients stay fp32.
     Bf16,
 }
 
@@ -75,14 +135,27 @@ pub struct GpuProgram {
     module: Arc<CudaModule>,
     kernels: HashMap<String, CudaFunction>,
     last_use: HashMap<Value, usize>,
+    /// The generated kernel each map / scan node runs (shared between identical nodes).
+    kernel_of: HashMap<NodeIndex, String>,
+    /// Values stored in bf16 (bf16 mode only); all others are f32 (or integer).
+    storage: HashMap<Value, Elem>,
+    /// Reverse scan → the forward scan whose checkpoints it reads.
+    tape_of: HashMap<NodeIndex, NodeIndex>,
+    /// Forward scans that keep checkpoints for a reverse scan.
+    taped: HashSet<NodeIndex>,
+    /// Forward scans run by the tiled kernel, with its plan.
+    tiled: HashMap<NodeIndex, TilePlan>,
+    /// Carried values kept on the device between runs, when asked for.
+    resident: Option<Resident>,
+    /// No host round trip inside a run (no embedding gradient): a run can be captured.
+    capturable: bool,
     params: BTreeMap<String, DevTensor>,
     /// Identity (data address and length) of the host parameters last uploaded.
     uploaded_from: BTreeMap<String, (usize, usize)>,
 }
 
-fn kernel_name(op: &str, n: NodeIndex) -> String {
-    format!("{op}_{}", n.index())
-}
+/// The name generated kernels carry until they are named by the hash of their source.
+const PLACEHOLDER: &str = "SP_KERNEL_NAME";
 
 fn grid(n: usize) -> LaunchConfig {
     let threads = 256u32;
@@ -121,6 +194,25 @@ impl GpuProgram {
         .into_iter()
         .map(String::from)
         .collect::<Vec<_>>();
+        let storage = if precision == Precision::Bf16 { plan_storage(graph) } else { HashMap::new() };
+        let elem = |v: Value| storage.get(&v).copied().unwrap_or(Elem::F32);
+        let tape_of = pair_reverse_scans(graph);
+        let taped: HashSet<NodeIndex> = tape_of.values().copied().collect();
+        let mut tiled = HashMap::new();
+        let mut kernel_of: HashMap<NodeIndex, String> = HashMap::new();
+        // Nodes with identical generated kernels share one (a training graph has hundreds of
+        // identical gradient-accumulation maps, and every layer the same scans): the kernel is
+        // named by a hash of its source, so NVRTC compiles each once.
+        let mut generated: HashSet<String> = HashSet::new();
+        let mut generated_src = String::new();
+        let mut add_kernel = |op: &str, text: String| -> String {
+            let name = format!("{op}_{:016x}", crate::device::fnv64(&[&text]));
+            if generated.insert(name.clone()) {
+                generated_src.push_str(&text.replacen(PLACEHOLDER, &name, 1));
+                names.push(name.clone());
+            }
+            name
+        };
         let mut last_use = HashMap::new();
         for (pos, &n) in order.iter().enumerate() {
             let node = graph.node(n);
@@ -130,22 +222,46 @@ impl GpuProgram {
             }
             match &node.op {
                 Op::Map { expr } => {
-                    let name = kernel_name("map", n);
-                    src.push_str(&codegen::map_kernel(&name, expr, operands.len()));
-                    names.push(name);
+                    let ins: Vec<Elem> = operands.iter().map(|&v| elem(v)).collect();
+                    let k = codegen::map_kernel_typed(PLACEHOLDER, expr, &ins, elem(Value { node: n, port: 0 }));
+                    kernel_of.insert(n, add_kernel("map", k));
                 }
                 Op::Scan { neuron, emit, scope } => {
-                    let name = kernel_name("scan", n);
                     let token = *scope == sparkc_ir::StateScope::Token;
-                    src.push_str(&codegen::scan_forward_kernel(&name, &graph.neurons[neuron], emit, token));
-                    names.push(name);
+                    let model = &graph.neurons[neuron];
+                    let io = ScanIo {
+                        inputs: operands[..model.inputs.len()].iter().map(|&v| elem(v)).collect(),
+                        outputs: (0..emit.len()).map(|k| elem(Value { node: n, port: k as u32 })).collect(),
+                    };
+                    let c = node.results[0].shape.resolve(&graph.dims).dims().last().and_then(|d| d.as_const()).unwrap_or(0) as usize;
+                    let k = if scan_codegen::can_tile(model, c, &io) {
+                        let plan = scan_codegen::tile_plan(model, &io);
+                        tiled.insert(n, plan);
+                        scan_codegen::scan_forward_tiled(PLACEHOLDER, model, emit, token, &io, plan)
+                    } else {
+                        scan_codegen::scan_forward_simple(PLACEHOLDER, model, emit, token, &io, scan_codegen::scan_unroll(model))
+                    };
+                    kernel_of.insert(n, add_kernel("scan", k));
                 }
                 Op::ScanAdjoint { neuron, emit, scope } => {
-                    let name = kernel_name("scan_adjoint", n);
                     let token = *scope == sparkc_ir::StateScope::Token;
-                    let k = codegen::scan_adjoint_kernel(&name, &graph.neurons[neuron], emit, token).map_err(CudaError::Unsupported)?;
-                    src.push_str(&k);
-                    names.push(name);
+                    let model = &graph.neurons[neuron];
+                    let (ni, np, ns) = (model.inputs.len(), model.params.len(), model.state.len());
+                    let inputs: Vec<Elem> = operands[..ni].iter().map(|&v| elem(v)).collect();
+                    let out_grads: Vec<Elem> = operands[ni + np + ns..ni + np + ns + emit.len()].iter().map(|&v| elem(v)).collect();
+                    let in_grads: Vec<Elem> = (0..ni).map(|i| elem(Value { node: n, port: i as u32 })).collect();
+                    let c = operands[0].node;
+                    let c = graph.value_type(Value { node: c, port: operands[0].port }).shape.resolve(&graph.dims).dims().last().and_then(|d| d.as_const()).unwrap_or(0) as usize;
+                    let tile_bytes = scan_codegen::adjoint_tile_bytes(model, emit, &inputs, &out_grads).filter(|_| c % scan_codegen::TILE_THREADS == 0);
+                    let k = match tile_bytes {
+                        Some(bytes) => {
+                            tiled.insert(n, TilePlan { steps: 16, stages: 3, smem_bytes: bytes });
+                            scan_codegen::scan_adjoint_tiled(PLACEHOLDER, model, emit, token, &inputs, &out_grads, &in_grads)
+                        }
+                        None => scan_codegen::scan_adjoint_chunked(PLACEHOLDER, model, emit, token, &inputs, &out_grads, &in_grads),
+                    }
+                    .map_err(CudaError::Unsupported)?;
+                    kernel_of.insert(n, add_kernel("scan_adjoint", k));
                 }
                 Op::PonderWeightsGrad { .. } => {
                     let k = graph.value_type(operands[2]).shape.resolve(&graph.dims).dims()[2].as_const();
@@ -170,13 +286,38 @@ impl GpuProgram {
         for (_, v) in &graph.outputs {
             last_use.insert(*v, usize::MAX);
         }
-        let module = gpu.load(&src)?;
+        src.push_str(&generated_src);
+        let module = gpu.load_with(&src, precision == Precision::Bf16)?;
         let mut kernels = HashMap::new();
         for name in names {
             let f = module.load_function(&name).map_err(|e| CudaError::Driver(format!("kernel {name}: {e:?}")))?;
             kernels.insert(name, f);
         }
-        Ok(GpuProgram { gpu, precision, params_bf16: BTreeMap::new(), graph: graph.clone(), order, module, kernels, last_use, params: BTreeMap::new(), uploaded_from: BTreeMap::new() })
+        for (n, plan) in &tiled {
+            // More than 48 KB of dynamic shared memory must be asked for per kernel.
+            let f = &kernels[&kernel_of[n]];
+            f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, plan.smem_bytes as i32)
+                .map_err(|e| CudaError::Driver(format!("shared memory for the tiled scan: {e:?}")))?;
+        }
+        Ok(GpuProgram {
+            gpu,
+            precision,
+            params_bf16: BTreeMap::new(),
+            graph: graph.clone(),
+            order,
+            module,
+            kernels,
+            last_use,
+            storage,
+            kernel_of,
+            tape_of,
+            taped,
+            tiled,
+            resident: None,
+            capturable: !graph.g.node_indices().any(|n| matches!(graph.node(n).op, Op::EmbeddingGrad)),
+            params: BTreeMap::new(),
+            uploaded_from: BTreeMap::new(),
+        })
     }
 
     pub fn graph(&self) -> &Graph {
@@ -198,6 +339,7 @@ impl GpuProgram {
     fn download(&self, t: &DevTensor) -> Result<Tensor, CudaError> {
         Ok(match t {
             DevTensor::F32 { shape, data } => Tensor::f32(shape.clone(), drv!(self.gpu.stream.clone_dtoh(data))),
+            DevTensor::Bf16 { shape, data } => Tensor::f32(shape.clone(), drv!(self.gpu.stream.clone_dtoh(data)).into_iter().map(|h| f32::from_bits((h as u32) << 16)).collect()),
             DevTensor::I64 { shape, data } => Tensor::i64(shape.clone(), drv!(self.gpu.stream.clone_dtoh(data))),
         })
     }
@@ -243,36 +385,51 @@ impl GpuProgram {
         Ok(out)
     }
 
-    /// y[M,O] = x[M,I]·w[O,I]ᵀ in bf16 with fp32 accumulation (cublasGemmEx).
-    fn gemm_bf16(&self, x: &CudaSlice<f32>, w: &CudaSlice<u16>, out: &mut CudaSlice<f32>, m: usize, i: usize, o: usize) -> Result<(), CudaError> {
+    /// A bf16 view of an operand: its own buffer, or a converted copy kept alive by the guard.
+    fn bf16_operand(&self, t: &DevTensor) -> Result<(u64, Option<CudaSlice<u16>>), CudaError> {
+        match t {
+            DevTensor::Bf16 { .. } => Ok((t.ptr(&self.gpu.stream), None)),
+            DevTensor::F32 { data, .. } => {
+                let b = self.to_bf16(data, data.len())?;
+                let p = { use cudarc::driver::DevicePtr; b.device_ptr(&self.gpu.stream).0 };
+                Ok((p, Some(b)))
+            }
+            DevTensor::I64 { .. } => Err(CudaError::Input("a GEMM operand must be floating point".into())),
+        }
+    }
+
+    /// Column-major C(m×n) = op(A)·op(B) with bf16 A and B and fp32 accumulation
+    /// (cublasGemmEx); C is written as it is stored (f32 or bf16).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_ex(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: u64, lda: usize, b: u64, ldb: usize, c: &mut DevTensor, ldc: usize) -> Result<(), CudaError> {
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
-        use cudarc::driver::{DevicePtr, DevicePtrMut};
-        let xb = self.to_bf16(x, m * i)?;
-        let st = &self.gpu.stream;
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let c_type = match c {
+            DevTensor::Bf16 { .. } => cudaDataType::CUDA_R_16BF,
+            _ => cudaDataType::CUDA_R_32F,
+        };
+        let cp = c.ptr(&self.gpu.stream);
         let (alpha, beta) = (1.0f32, 0.0f32);
-        let (wp, _g1) = w.device_ptr(st);
-        let (xp, _g2) = xb.device_ptr(st);
-        let (yp, _g3) = out.device_ptr_mut(st);
-        // SAFETY: the pointers address o·i, m·i and m·o elements as the dimensions say.
+        // SAFETY: the pointers address the matrices the dimensions and leading sizes describe.
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 *self.gpu.blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                o as i32,
+                op(ta),
+                op(tb),
                 m as i32,
-                i as i32,
+                n as i32,
+                k as i32,
                 (&alpha) as *const f32 as *const _,
-                wp as *const _,
+                a as *const _,
                 cudaDataType::CUDA_R_16BF,
-                i as i32,
-                xp as *const _,
+                lda as i32,
+                b as *const _,
                 cudaDataType::CUDA_R_16BF,
-                i as i32,
+                ldb as i32,
                 (&beta) as *const f32 as *const _,
-                yp as *mut _,
-                cudaDataType::CUDA_R_32F,
-                o as i32,
+                cp as *mut _,
+                c_type,
+                ldc as i32,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
@@ -280,35 +437,100 @@ impl GpuProgram {
         .map_err(|e| CudaError::Driver(format!("cuBLAS GemmEx: {e:?}")))
     }
 
+    /// The bf16 copy of the weight operand (slot 1) of a linear layer or its input gradient,
+    /// in bf16 mode.
+    fn weight_bf16(&self, n: NodeIndex) -> Option<&CudaSlice<u16>> {
+        if self.precision != Precision::Bf16 {
+            return None;
+        }
+        match &self.graph.node(self.graph.operands(n)[1].node).op {
+            Op::Param { name } => self.params_bf16.get(name),
+            _ => None,
+        }
+    }
+
+    /// An output buffer for `v`, stored as planned; uninitialised (its kernel writes all of it).
+    fn alloc_value(&self, v: Value, shape: &[usize]) -> Result<DevTensor, CudaError> {
+        let n = shape.iter().product::<usize>().max(1);
+        let st = &self.gpu.stream;
+        // SAFETY: every caller launches a kernel that writes all n elements before any read.
+        Ok(match self.storage.get(&v) {
+            Some(Elem::Bf16) => DevTensor::Bf16 { shape: shape.to_vec(), data: drv!(unsafe { st.alloc::<u16>(n) }) },
+            _ => DevTensor::F32 { shape: shape.to_vec(), data: drv!(unsafe { st.alloc::<f32>(n) }) },
+        })
+    }
+
+    fn alloc_uninit(&self, n: usize) -> Result<CudaSlice<f32>, CudaError> {
+        // SAFETY: callers write every element before reading it.
+        Ok(drv!(unsafe { self.gpu.stream.alloc::<f32>(n.max(1)) }))
+    }
+
     /// Run the graph on host inputs (parameters come from [`GpuProgram::set_params`]).
     pub fn run(&self, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, CudaError> {
-        let env: DimBindings = self.graph.bind_input_dims(|name| inputs.get(name).map(|t| t.shape.as_slice())).map_err(CudaError::Input)?;
-        let mut fed: HashMap<NodeIndex, DevTensor> = HashMap::new();
+        let env = self.bind(inputs, &HashSet::new())?;
+        let mut fed: HashMap<NodeIndex, Slot> = HashMap::new();
         for (n, name, ty) in self.graph.inputs() {
-            let t = inputs.get(name).ok_or_else(|| CudaError::Input(format!("missing input `{name}`")))?;
-            let t = match (ty.dtype, &t.data) {
-                (DType::F32, TensorData::I64(v)) => Tensor::f32(t.shape.clone(), v.iter().map(|&x| x as f32).collect()),
-                (DType::I64 | DType::I32, TensorData::F32(_)) => return Err(CudaError::Input(format!("`{name}` must be an integer tensor"))),
-                _ => t.clone(),
-            };
-            self.check_ids(n, &t)?;
-            fed.insert(n, self.upload(&t)?);
+            let t = self.host_input(n, name, ty.dtype, inputs)?;
+            fed.insert(n, Slot::Owned(self.upload(&t)?));
         }
+        let mut out = BTreeMap::new();
+        self.walk(&env, fed, &mut |name, t| {
+            out.insert(name.to_string(), self.download(t)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Dimension bindings from the host inputs (and the kept state, whose names are `kept`).
+    fn bind(&self, inputs: &BTreeMap<String, Tensor>, kept: &HashSet<String>) -> Result<DimBindings, CudaError> {
+        let batch = self.resident.as_ref().map(|r| r.batch);
+        self.graph
+            .bind_input_dims(|name| {
+                if kept.contains(name) {
+                    return None;
+                }
+                inputs.get(name).map(|t| t.shape.as_slice())
+            })
+            .map_err(CudaError::Input)
+            .map(|mut env| {
+                if let Some(b) = batch {
+                    env.entry("B".to_string()).or_insert(b as u64);
+                }
+                env
+            })
+    }
+
+    /// A host input in the graph's dtype, with table indices checked.
+    fn host_input(&self, n: NodeIndex, name: &str, dtype: DType, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, CudaError> {
+        let t = inputs.get(name).ok_or_else(|| CudaError::Input(format!("missing input `{name}`")))?;
+        let t = match (dtype, &t.data) {
+            (DType::F32, TensorData::I64(v)) => Tensor::f32(t.shape.clone(), v.iter().map(|&x| x as f32).collect()),
+            (DType::I64 | DType::I32, TensorData::F32(_)) => return Err(CudaError::Input(format!("`{name}` must be an integer tensor"))),
+            _ => t.clone(),
+        };
+        self.check_ids(n, &t)?;
+        Ok(t)
+    }
+
+    /// Execute every node in order over device inputs `fed`; each graph output is handed to
+    /// `emit` at the end. Intermediates are freed at their last use.
+    fn walk<'a>(&'a self, env: &DimBindings, mut fed: HashMap<NodeIndex, Slot<'a>>, emit: &mut dyn FnMut(&str, &DevTensor) -> Result<(), CudaError>) -> Result<(), CudaError> {
         let mut values: HashMap<Value, Slot> = HashMap::new();
+        let mut tapes = Tapes::new();
         for (pos, &n) in self.order.iter().enumerate() {
             let node = self.graph.node(n);
             let shapes: Vec<Vec<usize>> = node
                 .results
                 .iter()
-                .map(|t| t.shape.concrete(&env))
+                .map(|t| t.shape.concrete(env))
                 .collect::<Result<_, _>>()
                 .map_err(|s| CudaError::Input(format!("dimension {s} is not bound by any input")))?;
             let results: Vec<Slot> = match &node.op {
-                Op::Input { .. } => vec![Slot::Owned(fed.remove(&n).expect("inputs are bound"))],
+                Op::Input { .. } => vec![fed.remove(&n).expect("inputs are bound")],
                 Op::Param { name } => vec![Slot::Param(self.params.get(name).ok_or_else(|| CudaError::Input(format!("parameter `{name}` was not uploaded")))?)],
                 _ => {
                     let ops: Vec<&DevTensor> = self.graph.operands(n).iter().map(|v| values[v].get()).collect();
-                    self.exec(n, &ops, &shapes)?.into_iter().map(Slot::Owned).collect()
+                    self.exec(n, &ops, &shapes, &mut tapes)?.into_iter().map(Slot::Owned).collect()
                 }
             };
             for (port, t) in results.into_iter().enumerate() {
@@ -323,11 +545,123 @@ impl GpuProgram {
                 }
             }
         }
-        let mut out = BTreeMap::new();
         for (name, v) in &self.graph.outputs {
-            out.insert(name.clone(), self.download(values[v].get())?);
+            emit(name, values[v].get())?;
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Keep the carried values (graph inputs that are also outputs: the neuron state) on the
+    /// device from now on, starting `batch` new sequences from zeros. Runs through
+    /// [`GpuProgram::run_resident`] then take them from there and leave them there; the
+    /// per-step run of an inference graph is captured as a CUDA graph the second time it is
+    /// seen with the same input shapes, and replayed after that.
+    pub fn start_sequences(&mut self, batch: usize) -> Result<(), CudaError> {
+        let mut state = BTreeMap::new();
+        for (_, name, ty) in self.graph.inputs() {
+            if self.graph.output(name).is_none() {
+                continue;
+            }
+            let mut shape = vec![batch];
+            shape.extend(ty.shape.dims()[1..].iter().map(|d| d.as_const().unwrap_or(0) as usize));
+            let n = shape.iter().product::<usize>().max(1);
+            state.insert(name.to_string(), DevTensor::F32 { shape, data: drv!(self.gpu.stream.alloc_zeros::<f32>(n)) });
+        }
+        // A captured step addresses the previous state buffers: start over.
+        self.resident = Some(Resident { batch, state, captured: None, seen: None });
+        Ok(())
+    }
+
+    pub fn keeps_state(&self) -> bool {
+        self.resident.is_some()
+    }
+
+    /// Run with the carried values kept on the device (see [`GpuProgram::start_sequences`]);
+    /// returns the other outputs.
+    pub fn run_resident(&mut self, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, CudaError> {
+        let mut res = self.resident.take().ok_or_else(|| CudaError::Input("call start_sequences first".into()))?;
+        let result = self.step_resident(&mut res, inputs);
+        self.resident = Some(res);
+        result
+    }
+
+    fn step_resident(&self, res: &mut Resident, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, CudaError> {
+        let kept: HashSet<String> = res.state.keys().cloned().collect();
+        let env = self.bind(inputs, &kept)?;
+        let mut host = BTreeMap::new();
+        for (n, name, ty) in self.graph.inputs() {
+            if !kept.contains(name) {
+                host.insert(name.to_string(), (n, self.host_input(n, name, ty.dtype, inputs)?));
+            }
+        }
+        let key: Vec<(String, Vec<usize>)> = host.iter().map(|(k, (_, t))| (k.clone(), t.shape.clone())).collect();
+        let st = &self.gpu.stream;
+        if let Some(c) = res.captured.as_mut().filter(|c| c.key == key) {
+            for (name, (_, t)) in &host {
+                upload_into(st, t, c.inputs.get_mut(name).expect("captured inputs"))?;
+            }
+            drv!(c.graph.launch());
+            return c.outputs.iter().map(|(k, t)| Ok((k.clone(), self.download(t)?))).collect();
+        }
+        let capture = self.capturable && res.seen.as_ref() == Some(&key);
+        // Inputs in buffers that outlive this run (a captured graph reads them again).
+        let mut in_bufs: BTreeMap<String, DevTensor> = BTreeMap::new();
+        for (name, (_, t)) in &host {
+            in_bufs.insert(name.clone(), self.upload(t)?);
+        }
+        let mut out_bufs: BTreeMap<String, DevTensor> = BTreeMap::new();
+        if capture {
+            for (name, v) in &self.graph.outputs {
+                if !kept.contains(name) {
+                    let shape = self.graph.value_type(*v).shape.concrete(&env).map_err(|s| CudaError::Input(format!("dimension {s} is not bound")))?;
+                    let n = shape.iter().product::<usize>().max(1);
+                    let t = match self.graph.value_type(*v).dtype {
+                        DType::F32 => DevTensor::F32 { shape, data: drv!(st.alloc_zeros::<f32>(n)) },
+                        _ => DevTensor::I64 { shape, data: drv!(st.alloc_zeros::<i64>(n)) },
+                    };
+                    out_bufs.insert(name.clone(), t);
+                }
+            }
+            drv!(st.synchronize());
+            drv!(st.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
+        }
+        let state_ptrs: HashMap<String, u64> = res.state.iter().map(|(k, t)| (k.clone(), t.ptr(st))).collect();
+        let out_ptrs: HashMap<String, u64> = out_bufs.iter().map(|(k, t)| (k.clone(), t.ptr(st))).collect();
+        let mut downloaded = BTreeMap::new();
+        let walked = {
+            let mut fed: HashMap<NodeIndex, Slot> = HashMap::new();
+            for (n, name, _) in self.graph.inputs() {
+                let slot = match res.state.get(name) {
+                    Some(t) => Slot::Param(t),
+                    None => Slot::Param(&in_bufs[name]),
+                };
+                fed.insert(n, slot);
+            }
+            self.walk(&env, fed, &mut |name, t| {
+                // New state over the old (every read of the old one is done by now); other
+                // outputs to their buffers (captured) or to the host.
+                if let Some(&dst) = state_ptrs.get(name) {
+                    copy_device(st, t, dst)
+                } else if let Some(&dst) = out_ptrs.get(name) {
+                    copy_device(st, t, dst)
+                } else {
+                    downloaded.insert(name.to_string(), self.download(t)?);
+                    Ok(())
+                }
+            })
+        };
+        if !capture {
+            walked?;
+            res.seen = Some(key);
+            return Ok(downloaded);
+        }
+        let graph = st.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        walked?;
+        let graph = drv!(graph).ok_or_else(|| CudaError::Driver("stream capture produced no graph".into()))?;
+        drv!(graph.launch());
+        let outputs: BTreeMap<String, Tensor> = out_bufs.iter().map(|(k, t)| Ok((k.clone(), self.download(t)?))).collect::<Result<_, CudaError>>()?;
+        res.captured = Some(Captured { key, inputs: in_bufs, outputs: out_bufs, graph });
+        Ok(outputs)
     }
 
     /// Integer inputs that index a table (embedding ids, cross-entropy targets) must be in
@@ -366,14 +700,17 @@ impl GpuProgram {
         Ok(drv!(self.gpu.stream.alloc_zeros::<f32>(n.max(1))))
     }
 
-    fn exec(&self, n: NodeIndex, ins: &[&DevTensor], shapes: &[Vec<usize>]) -> Result<Vec<DevTensor>, CudaError> {
+    fn exec(&self, n: NodeIndex, ins: &[&DevTensor], shapes: &[Vec<usize>], tapes: &mut Tapes) -> Result<Vec<DevTensor>, CudaError> {
         let node = self.graph.node(n);
         let st = &self.gpu.stream;
         let bad = |what: &str| CudaError::Input(format!("`{}` node `{}`: {what}", node.op.name(), node.name));
         let fl = |i: usize| ins[i].f32().ok_or_else(|| bad(&format!("operand {i} must be f32")));
         let numel = |s: &[usize]| s.iter().product::<usize>();
         let out_n = numel(&shapes[0]);
-        let mut out = self.alloc(out_n)?;
+        let result = |port: u32| Value { node: n, port };
+        // Ops with typed outputs allocate their own, uninitialised; the rest start from zeros.
+        let typed = matches!(node.op, Op::Linear { .. } | Op::Map { .. } | Op::Scan { .. } | Op::ScanAdjoint { .. } | Op::LinearGradInput | Op::LinearGradWeight);
+        let mut out = if typed { self.alloc_uninit(1)? } else { self.alloc(out_n)? };
         let wrap = |data: CudaSlice<f32>, shape: &Vec<usize>| DevTensor::F32 { shape: shape.clone(), data };
         macro_rules! launch {
             ($kernel:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
@@ -404,34 +741,28 @@ impl GpuProgram {
             Op::Linear { bias } => {
                 let (o, i) = (ins[1].shape()[0], ins[1].shape()[1]);
                 let m = numel(ins[0].shape()) / i.max(1);
-                // Row-major y[M,O] = x[M,I]·w[O,I]ᵀ is column-major yᵀ = wᵀᵀ·xᵀ: C(O×M) = op(W)(O×I)·X(I×M).
-                let cfg = GemmConfig {
-                    transa: cublasOperation_t::CUBLAS_OP_T,
-                    transb: cublasOperation_t::CUBLAS_OP_N,
-                    m: o as i32,
-                    n: m as i32,
-                    k: i as i32,
-                    alpha: 1.0f32,
-                    lda: i as i32,
-                    ldb: i as i32,
-                    beta: 0.0f32,
-                    ldc: o as i32,
-                };
-                let w_bf16 = match self.graph.node(self.graph.operands(n)[1].node).op {
-                    Op::Param { ref name } => self.params_bf16.get(name),
-                    _ => None,
-                };
+                let mut y = self.alloc_value(result(0), &shapes[0])?;
                 if m > 0 && o > 0 && i > 0 {
-                    match w_bf16 {
-                        Some(w) if self.precision == Precision::Bf16 => self.gemm_bf16(fl(0)?, w, &mut out, m, i, o)?,
+                    // Row-major y[M,O] = x[M,I]·w[O,I]ᵀ is column-major yᵀ(O×M) = op(W)(O×I)·X(I×M).
+                    if let Some(w) = self.weight_bf16(n) {
+                        let (xp, _keep) = self.bf16_operand(ins[0])?;
+                        let wp = { use cudarc::driver::DevicePtr; w.device_ptr(st).0 };
+                        self.gemm_ex(true, false, o, m, i, wp, i, xp, i, &mut y, o)?;
+                    } else {
+                        let cfg = GemmConfig { transa: cublasOperation_t::CUBLAS_OP_T, transb: cublasOperation_t::CUBLAS_OP_N, m: o as i32, n: m as i32, k: i as i32, alpha: 1.0f32, lda: i as i32, ldb: i as i32, beta: 0.0f32, ldc: o as i32 };
+                        let DevTensor::F32 { data: yd, .. } = &mut y else { return Err(bad("an fp32 GEMM writes f32")) };
                         // SAFETY: the buffers hold o·i, m·i and m·o floats as the config says.
-                        _ => unsafe { self.gpu.blas.gemm(cfg, fl(1)?, fl(0)?, &mut out) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?,
+                        unsafe { self.gpu.blas.gemm(cfg, fl(1)?, fl(0)?, yd) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
                     }
+                } else {
+                    zero(st, &mut y)?;
                 }
                 if *bias {
+                    let DevTensor::F32 { data: yd, .. } = &mut y else { return Err(bad("a biased linear writes f32")) };
                     let (rows_, oi) = (m as i64, o as i32);
-                    launch!(self.f("sp_add_bias"), grid(out_n), &mut out, fl(2)?, &rows_, &oi);
+                    launch!(self.f("sp_add_bias"), grid(out_n), yd, fl(2)?, &rows_, &oi);
                 }
+                return Ok(vec![y]);
             }
             Op::RmsNorm { eps } | Op::LateralInhibition { eps } => {
                 let d = *shapes[0].last().unwrap_or(&1);
@@ -445,61 +776,90 @@ impl GpuProgram {
                 launch!(self.f("sp_center_last"), rows(out_n / d.max(1), d), &mut out, fl(0)?, &di);
             }
             Op::Map { .. } => {
-                let name = kernel_name("map", n);
-                let mut b = st.launch_builder(self.f(&name));
-                let total = out_n as i64;
-                b.arg(&mut out);
-                b.arg(&total);
+                let name = &self.kernel_of[&n];
+                let mut y = self.alloc_value(result(0), &shapes[0])?;
                 let mut modes = Vec::new();
                 for (i, t) in ins.iter().enumerate() {
                     let (mode, extent) = bcast_mode(t.shape(), &shapes[0]).ok_or_else(|| bad(&format!("operand {i} {:?} broadcasts to {:?} in a way the CUDA backend does not index", t.shape(), shapes[0])))?;
+                    if t.elem().is_none() {
+                        return Err(bad("map operands must be floating point"));
+                    }
                     modes.push((mode, extent as i64));
                 }
+                let total = out_n as i64;
+                let mut b = st.launch_builder(self.f(name));
+                y.push_mut(&mut b);
+                b.arg(&total);
                 for (i, t) in ins.iter().enumerate() {
-                    b.arg(t.f32().ok_or_else(|| bad("map operands must be f32"))?);
+                    t.push(&mut b);
                     b.arg(&modes[i].0);
                     b.arg(&modes[i].1);
                 }
-                // SAFETY: the generated kernel takes (out, n, then ptr/mode/extent per operand).
+                // SAFETY: the generated kernel takes (out, n, then ptr/mode/extent per operand),
+                // typed as the storage plan says.
                 unsafe { drv!(b.launch(grid(out_n))) };
+                drop(b);
+                return Ok(vec![y]);
             }
             Op::Scan { neuron, emit, .. } => {
                 let model = &self.graph.neurons[neuron];
                 let s = ins[0].shape();
-                let (bsz, steps, k, c) = (s[0] as i32, (s[1] * s[2]) as i32, s[2] as i32, s[3] as i32);
-                let mut outs: Vec<CudaSlice<f32>> = vec![out];
-                for _ in 1..emit.len() {
-                    outs.push(self.alloc(out_n)?);
-                }
-                let mut finals: Vec<CudaSlice<f32>> = Vec::new();
-                for _ in &model.state {
-                    finals.push(self.alloc((bsz * c) as usize)?);
-                }
-                let name = kernel_name("scan", n);
-                let mut b = st.launch_builder(self.f(&name));
+                let (bsz, steps, c) = (s[0], s[1] * s[2], s[3]);
+                let mut outs = (0..emit.len()).map(|k| self.alloc_value(result(k as u32), &shapes[k])).collect::<Result<Vec<_>, _>>()?;
+                let mut finals = (0..model.state.len()).map(|_| self.alloc_uninit(bsz * c)).collect::<Result<Vec<_>, _>>()?;
+                let mut ck = if self.taped.contains(&n) {
+                    (0..model.state.len()).map(|_| self.alloc_uninit(bsz * scan_codegen::checkpoints(steps) * c)).collect::<Result<Vec<_>, _>>()?
+                } else {
+                    Vec::new()
+                };
+                let null = 0u64;
+                let (bi, si, ki, ci) = (bsz as i32, steps as i32, s[2] as i32, c as i32);
+                let mut b = st.launch_builder(self.f(&self.kernel_of[&n]));
                 for (i, t) in ins.iter().enumerate() {
-                    b.arg(t.f32().ok_or_else(|| bad(&format!("scan operand {i} must be f32")))?);
+                    if t.elem().is_none() {
+                        return Err(bad(&format!("scan operand {i} must be floating point")));
+                    }
+                    t.push(&mut b);
                 }
                 for o in outs.iter_mut() {
-                    b.arg(o);
+                    o.push_mut(&mut b);
                 }
                 for f in finals.iter_mut() {
                     b.arg(f);
                 }
-                b.arg(&bsz);
-                b.arg(&steps);
-                b.arg(&k);
-                b.arg(&c);
-                let cols = (bsz as usize) * (c as usize);
-                let cfg = LaunchConfig { grid_dim: (cols.div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                if ck.is_empty() {
+                    for _ in &model.state {
+                        b.arg(&null);
+                    }
+                } else {
+                    for x in ck.iter_mut() {
+                        b.arg(x);
+                    }
+                }
+                b.arg(&bi);
+                b.arg(&si);
+                b.arg(&ki);
+                b.arg(&ci);
+                let cols = bsz * c;
+                let cfg = match self.tiled.get(&n) {
+                    Some(plan) if c % scan_codegen::TILE_THREADS == 0 => LaunchConfig {
+                        grid_dim: ((cols / scan_codegen::TILE_THREADS).max(1) as u32, 1, 1),
+                        block_dim: (scan_codegen::TILE_BLOCK as u32, 1, 1),
+                        shared_mem_bytes: plan.smem_bytes as u32,
+                    },
+                    Some(_) => return Err(bad("the tiled scan needs a multiple of 128 channels")),
+                    None => LaunchConfig { grid_dim: (cols.div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
+                };
                 // SAFETY: the generated kernel's parameters are exactly these buffers and sizes.
                 unsafe { drv!(b.launch(cfg)) };
                 drop(b);
-                let mut res: Vec<DevTensor> = outs.into_iter().map(|d| wrap(d, &shapes[0])).collect();
-                for (i, f) in finals.into_iter().enumerate() {
-                    res.push(wrap(f, &shapes[emit.len() + i]));
+                if !ck.is_empty() {
+                    tapes.insert(n, ck);
                 }
-                return Ok(res);
+                for (i, f) in finals.into_iter().enumerate() {
+                    outs.push(wrap(f, &shapes[emit.len() + i]));
+                }
+                return Ok(outs);
             }
             Op::PonderWeights { clamp, eps } => {
                 let k = ins[0].shape()[2] as i32;
@@ -553,23 +913,45 @@ impl GpuProgram {
             Op::LinearGradInput => {
                 let (o, i) = (ins[1].shape()[0], ins[1].shape()[1]);
                 let m = numel(ins[0].shape()) / o.max(1);
-                // Column-major dxᵀ(I×M) = w'(I×O)·dy'(O×M).
-                let cfg = GemmConfig { transa: cublasOperation_t::CUBLAS_OP_N, transb: cublasOperation_t::CUBLAS_OP_N, m: i as i32, n: m as i32, k: o as i32, alpha: 1.0f32, lda: i as i32, ldb: o as i32, beta: 0.0f32, ldc: i as i32 };
+                let mut dx = self.alloc_value(result(0), &shapes[0])?;
                 if m > 0 && o > 0 && i > 0 {
-                    // SAFETY: w is o·i, dy is m·o and dx is m·i floats.
-                    unsafe { self.gpu.blas.gemm(cfg, fl(1)?, fl(0)?, &mut out) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
+                    // Column-major dxᵀ(I×M) = w'(I×O)·dy'(O×M).
+                    if let Some(w) = self.weight_bf16(n) {
+                        let (dyp, _keep) = self.bf16_operand(ins[0])?;
+                        let wp = { use cudarc::driver::DevicePtr; w.device_ptr(st).0 };
+                        self.gemm_ex(false, false, i, m, o, wp, i, dyp, o, &mut dx, i)?;
+                    } else {
+                        let cfg = GemmConfig { transa: cublasOperation_t::CUBLAS_OP_N, transb: cublasOperation_t::CUBLAS_OP_N, m: i as i32, n: m as i32, k: o as i32, alpha: 1.0f32, lda: i as i32, ldb: o as i32, beta: 0.0f32, ldc: i as i32 };
+                        let DevTensor::F32 { data: d, .. } = &mut dx else { return Err(bad("an fp32 GEMM writes f32")) };
+                        // SAFETY: w is o·i, dy is m·o and dx is m·i floats.
+                        unsafe { self.gpu.blas.gemm(cfg, fl(1)?, fl(0)?, d) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
+                    }
+                } else {
+                    zero(st, &mut dx)?;
                 }
+                return Ok(vec![dx]);
             }
             Op::LinearGradWeight => {
                 let o = *ins[0].shape().last().unwrap_or(&1);
                 let i = *ins[1].shape().last().unwrap_or(&1);
                 let m = numel(ins[0].shape()) / o.max(1);
-                // Column-major dwᵀ(I×O) = x'(I×M)·dy'ᵀ(M×O).
-                let cfg = GemmConfig { transa: cublasOperation_t::CUBLAS_OP_N, transb: cublasOperation_t::CUBLAS_OP_T, m: i as i32, n: o as i32, k: m as i32, alpha: 1.0f32, lda: i as i32, ldb: o as i32, beta: 0.0f32, ldc: i as i32 };
+                let mut dw = DevTensor::F32 { shape: shapes[0].clone(), data: self.alloc_uninit(out_n)? };
                 if m > 0 && o > 0 && i > 0 {
-                    // SAFETY: x is m·i, dy is m·o and dw is o·i floats.
-                    unsafe { self.gpu.blas.gemm(cfg, fl(1)?, fl(0)?, &mut out) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
+                    // Column-major dwᵀ(I×O) = x'(I×M)·dy'ᵀ(M×O).
+                    if self.precision == Precision::Bf16 {
+                        let (dyp, _k1) = self.bf16_operand(ins[0])?;
+                        let (xp, _k2) = self.bf16_operand(ins[1])?;
+                        self.gemm_ex(false, true, i, o, m, xp, i, dyp, o, &mut dw, i)?;
+                    } else {
+                        let cfg = GemmConfig { transa: cublasOperation_t::CUBLAS_OP_N, transb: cublasOperation_t::CUBLAS_OP_T, m: i as i32, n: o as i32, k: m as i32, alpha: 1.0f32, lda: i as i32, ldb: o as i32, beta: 0.0f32, ldc: i as i32 };
+                        let DevTensor::F32 { data: d, .. } = &mut dw else { unreachable!("allocated f32 above") };
+                        // SAFETY: x is m·i, dy is m·o and dw is o·i floats.
+                        unsafe { self.gpu.blas.gemm(cfg, fl(1)?, fl(0)?, d) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
+                    }
+                } else {
+                    zero(st, &mut dw)?;
                 }
+                return Ok(vec![dw]);
             }
             Op::EmbeddingGrad => {
                 let (v, d) = (shapes[0][0], shapes[0][1]);
@@ -609,35 +991,58 @@ impl GpuProgram {
                 launch!(self.f("sp_sum_rows"), grid(d), &mut dw, &dw_rows, &rr, &dd);
                 return Ok(vec![wrap(out, &shapes[0]), wrap(dw, &shapes[1])]);
             }
-            Op::ScanAdjoint { neuron, .. } => {
+            Op::ScanAdjoint { neuron, emit, .. } => {
                 let model = &self.graph.neurons[neuron];
                 let (ni, np, ns) = (model.inputs.len(), model.params.len(), model.state.len());
                 let s = ins[0].shape();
-                let (bsz, steps, k, c) = (s[0], s[1] * s[2], s[2], s[3]);
-                let frames = bsz * steps * c;
-                let mut scratch = (0..ns).map(|_| self.alloc(frames)).collect::<Result<Vec<_>, _>>()?;
-                let mut din = (0..ni).map(|_| self.alloc(frames)).collect::<Result<Vec<_>, _>>()?;
-                let mut dp_rows = (0..np).map(|_| self.alloc(bsz * c)).collect::<Result<Vec<_>, _>>()?;
-                let mut dinit = (0..ns).map(|_| self.alloc(bsz * c)).collect::<Result<Vec<_>, _>>()?;
-                let name = kernel_name("scan_adjoint", n);
-                let mut b = st.launch_builder(self.f(&name));
-                for (i, t) in ins.iter().enumerate() {
-                    b.arg(t.f32().ok_or_else(|| bad(&format!("operand {i} must be f32")))?);
+                let (bsz, steps, c) = (s[0], s[1] * s[2], s[3]);
+                let cols = bsz * c;
+                // The forward's checkpoints when it kept them; otherwise the kernel makes its own.
+                let tape = self.tape_of.get(&n).and_then(|f| tapes.remove(f));
+                let have_ck = tape.is_some() as i32;
+                let mut ck = match tape {
+                    Some(t) => t,
+                    None => (0..ns).map(|_| self.alloc_uninit(cols * scan_codegen::checkpoints(steps))).collect::<Result<Vec<_>, _>>()?,
+                };
+                let mut din = (0..ni).map(|i| self.alloc_value(result(i as u32), &shapes[i])).collect::<Result<Vec<_>, _>>()?;
+                let mut dp_rows = (0..np).map(|_| self.alloc_uninit(cols)).collect::<Result<Vec<_>, _>>()?;
+                let mut dinit = (0..ns).map(|_| self.alloc_uninit(cols)).collect::<Result<Vec<_>, _>>()?;
+                let mut b = st.launch_builder(self.f(&self.kernel_of[&n]));
+                for (i, t) in ins.iter().enumerate().take(ni + np + ns + emit.len() + ns) {
+                    if t.elem().is_none() {
+                        return Err(bad(&format!("operand {i} must be floating point")));
+                    }
+                    t.push(&mut b);
                 }
-                for x in scratch.iter_mut().chain(din.iter_mut()).chain(dp_rows.iter_mut()).chain(dinit.iter_mut()) {
+                for x in ck.iter_mut() {
                     b.arg(x);
                 }
-                let (bi, si, ki, ci) = (bsz as i32, steps as i32, k as i32, c as i32);
+                b.arg(&have_ck);
+                for x in din.iter_mut() {
+                    x.push_mut(&mut b);
+                }
+                for x in dp_rows.iter_mut().chain(dinit.iter_mut()) {
+                    b.arg(x);
+                }
+                let (bi, si, ki, ci) = (bsz as i32, steps as i32, s[2] as i32, c as i32);
                 b.arg(&bi);
                 b.arg(&si);
                 b.arg(&ki);
                 b.arg(&ci);
-                let cfg = LaunchConfig { grid_dim: ((bsz * c).div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                let cfg = match self.tiled.get(&n) {
+                    Some(plan) if c % scan_codegen::TILE_THREADS == 0 => LaunchConfig {
+                        grid_dim: ((cols / scan_codegen::TILE_THREADS).max(1) as u32, 1, 1),
+                        block_dim: (scan_codegen::TILE_BLOCK as u32, 1, 1),
+                        shared_mem_bytes: plan.smem_bytes as u32,
+                    },
+                    Some(_) => return Err(bad("the tiled reverse scan needs a multiple of 128 channels")),
+                    None => LaunchConfig { grid_dim: (cols.div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
+                };
                 // SAFETY: the generated kernel's parameters are exactly these buffers and sizes.
                 unsafe { drv!(b.launch(cfg)) };
                 drop(b);
-                drop(scratch);
-                let mut res: Vec<DevTensor> = din.into_iter().enumerate().map(|(i, d)| wrap(d, &shapes[i])).collect();
+                drop(ck);
+                let mut res = din;
                 for (j, rows_) in dp_rows.iter().enumerate() {
                     let mut g = self.alloc(c)?;
                     let (rr, cc) = (bsz as i64, c as i64);
@@ -704,4 +1109,114 @@ fn bcast_mode(shape: &[usize], out: &[usize]) -> Option<(i32, usize)> {
         return Some((2, out[last..].iter().product()));
     }
     None
+}
+
+/// Zero a buffer (a GEMM with an empty inner dimension writes nothing).
+fn zero(st: &Arc<cudarc::driver::CudaStream>, t: &mut DevTensor) -> Result<(), CudaError> {
+    match t {
+        DevTensor::F32 { data, .. } => drv!(st.memset_zeros(data)),
+        DevTensor::Bf16 { data, .. } => drv!(st.memset_zeros(data)),
+        DevTensor::I64 { data, .. } => drv!(st.memset_zeros(data)),
+    }
+    Ok(())
+}
+
+/// Which values are stored in bf16 (bf16 mode): those a bf16-capable kernel writes and that
+/// only bf16-capable kernels read — GEMM operands, element-wise maps, scan inputs and outputs
+/// and their gradients. Graph outputs, scan state, norms, reductions and the residual stream
+/// (read by norms) stay f32.
+fn plan_storage(g: &Graph) -> HashMap<Value, Elem> {
+    use petgraph::visit::EdgeRef;
+    let outputs: HashSet<Value> = g.outputs.iter().map(|(_, v)| *v).collect();
+    let mut plan = HashMap::new();
+    for n in g.g.node_indices() {
+        let node = g.node(n);
+        for port in 0..node.results.len() as u32 {
+            let v = Value { node: n, port };
+            if node.results[port as usize].dtype != DType::F32 || outputs.contains(&v) || !writes_bf16(g, n, port) {
+                continue;
+            }
+            let readers: Vec<_> = g.g.edges_directed(n, petgraph::Direction::Outgoing).filter(|e| e.weight().src == port).collect();
+            if !readers.is_empty() && readers.iter().all(|e| reads_bf16(g, e.target(), e.weight().dst as usize)) {
+                plan.insert(v, Elem::Bf16);
+            }
+        }
+    }
+    plan
+}
+
+fn weight_is_param(g: &Graph, n: NodeIndex) -> bool {
+    g.operands(n).get(1).is_some_and(|w| matches!(g.node(w.node).op, Op::Param { .. }))
+}
+
+fn writes_bf16(g: &Graph, n: NodeIndex, port: u32) -> bool {
+    match &g.node(n).op {
+        Op::Linear { bias: false } | Op::LinearGradInput => port == 0 && weight_is_param(g, n),
+        Op::Map { .. } => port == 0,
+        Op::Scan { emit, .. } => (port as usize) < emit.len(),
+        Op::ScanAdjoint { neuron, .. } => (port as usize) < g.neurons[neuron].inputs.len(),
+        _ => false,
+    }
+}
+
+fn reads_bf16(g: &Graph, n: NodeIndex, slot: usize) -> bool {
+    match &g.node(n).op {
+        Op::Linear { .. } | Op::LinearGradInput => slot == 0 && weight_is_param(g, n),
+        Op::LinearGradWeight => slot <= 1,
+        Op::Map { .. } => true,
+        Op::Scan { neuron, .. } => slot < g.neurons[neuron].inputs.len(),
+        Op::ScanAdjoint { neuron, emit, .. } => {
+            let m = &g.neurons[neuron];
+            let fwd = m.inputs.len() + m.params.len() + m.state.len();
+            slot < m.inputs.len() || (slot >= fwd && slot < fwd + emit.len())
+        }
+        _ => false,
+    }
+}
+
+/// Pair each reverse scan with the forward scan it differentiates (same model, emitted
+/// outputs, scope and operands), so that the forward keeps checkpoints for it.
+fn pair_reverse_scans(g: &Graph) -> HashMap<NodeIndex, NodeIndex> {
+    let key = |neuron: &str, emit: &[String], scope: &sparkc_ir::StateScope, ops: &[Value]| (format!("{neuron}/{emit:?}/{scope:?}"), ops.to_vec());
+    let mut forward = HashMap::new();
+    for n in g.g.node_indices() {
+        if let Op::Scan { neuron, emit, scope } = &g.node(n).op {
+            forward.insert(key(neuron, emit, scope, &g.operands(n)), n);
+        }
+    }
+    let mut pairs = HashMap::new();
+    for n in g.g.node_indices() {
+        if let Op::ScanAdjoint { neuron, emit, scope } = &g.node(n).op {
+            let m = &g.neurons[neuron];
+            let ops = g.operands(n);
+            let k = (m.inputs.len() + m.params.len() + m.state.len()).min(ops.len());
+            if let Some(&f) = forward.get(&key(neuron, emit, scope, &ops[..k])) {
+                pairs.insert(n, f);
+            }
+        }
+    }
+    pairs
+}
+
+/// Copy a host tensor into an existing device buffer of the same size.
+fn upload_into(st: &Arc<cudarc::driver::CudaStream>, t: &Tensor, dst: &mut DevTensor) -> Result<(), CudaError> {
+    match (&t.data, dst) {
+        (TensorData::F32(v), DevTensor::F32 { data, .. }) if data.len() == v.len().max(1) || data.len() == v.len() => drv!(st.memcpy_htod(v, data)),
+        (TensorData::I64(v), DevTensor::I64 { data, .. }) if data.len() == v.len().max(1) || data.len() == v.len() => drv!(st.memcpy_htod(v, data)),
+        _ => return Err(CudaError::Input("an input changed type or size between captured steps".into())),
+    }
+    Ok(())
+}
+
+/// Stream-ordered device-to-device copy of a whole tensor to `dst` (a buffer of its size and
+/// type; raw pointer, because the destination may be one of the run's own inputs).
+fn copy_device(st: &Arc<cudarc::driver::CudaStream>, t: &DevTensor, dst: u64) -> Result<(), CudaError> {
+    let bytes = match t {
+        DevTensor::F32 { data, .. } => data.len() * 4,
+        DevTensor::Bf16 { data, .. } => data.len() * 2,
+        DevTensor::I64 { data, .. } => data.len() * 8,
+    };
+    // SAFETY: both buffers hold `bytes` bytes (the destination was allocated for this output).
+    unsafe { drv!(cudarc::driver::result::memcpy_dtod_async(dst, t.ptr(st), bytes, st.cu_stream())) };
+    Ok(())
 }

@@ -33,6 +33,16 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
+/// The graph as the CUDA backend runs it: scans with their prologues and epilogues fused
+/// (`fuse`), or as built.
+fn maybe_fused(graph: sparkc_ir::Graph, fuse: bool) -> sparkc_ir::Graph {
+    if fuse {
+        sparkc_passes::scan_fusion::fuse_scans(&graph).unwrap().0
+    } else {
+        graph
+    }
+}
+
 fn zero_states(graph: &sparkc_ir::Graph, b: usize) -> BTreeMap<String, Tensor> {
     graph
         .inputs()
@@ -49,9 +59,9 @@ fn zero_states(graph: &sparkc_ir::Graph, b: usize) -> BTreeMap<String, Tensor> {
 fn goldens_match_on_the_gpu_in_f32() {
     let Some(_) = gpu_or_skip("goldens_match_on_the_gpu_in_f32") else { return };
     let params = read_tensors(Path::new(&format!("{GOLDEN}/model.safetensors"))).unwrap();
-    for variant in ["leak", "vpost"] {
+    for (variant, fuse) in [("leak", false), ("vpost", false), ("leak", true), ("vpost", true)] {
         let cfg = NeuronSparkConfig::load(Path::new(&format!("{GOLDEN}/config_{variant}.json"))).unwrap();
-        let graph = build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap();
+        let graph = maybe_fused(build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap(), fuse);
         let io = read_tensors(Path::new(&format!("{GOLDEN}/io_{variant}.safetensors"))).unwrap();
         let mut inputs = zero_states(&graph, 2);
         for k in ["input_ids", "target_ids"] {
@@ -62,8 +72,8 @@ fn goldens_match_on_the_gpu_in_f32() {
         prog.set_params(&params).unwrap();
         let out = prog.run(&inputs).unwrap();
         let err = rel_l2(&out["logits"].to_f32_vec(), &io["logits"].to_f32_vec());
-        println!("{variant}: logits relative L2 {err:e}");
-        assert!(err < 1e-5, "{variant}: logits off by {err:e}");
+        println!("{variant} (fused scans: {fuse}): logits relative L2 {err:e}");
+        assert!(err < 1e-5, "{variant} (fused {fuse}): logits off by {err:e}");
         for k in ["lm_loss", "total_loss", "ponder_cost"] {
             let (a, b) = (out[k].to_f32_vec()[0] as f64, io[k].to_f32_vec()[0] as f64);
             assert!(((a - b) / b).abs() < 1e-5, "{variant}: {k} {a} vs {b}");
@@ -77,7 +87,7 @@ fn bf16_gemms_stay_close_to_the_goldens() {
     let Some(_) = gpu_or_skip("bf16_gemms_stay_close_to_the_goldens") else { return };
     let params = read_tensors(Path::new(&format!("{GOLDEN}/model.safetensors"))).unwrap();
     let cfg = NeuronSparkConfig::load(Path::new(&format!("{GOLDEN}/config_leak.json"))).unwrap();
-    let graph = build_graph(&cfg, &GraphOptions::default()).unwrap();
+    let graph = maybe_fused(build_graph(&cfg, &GraphOptions::default()).unwrap(), true);
     let io = read_tensors(Path::new(&format!("{GOLDEN}/io_leak.safetensors"))).unwrap();
     let mut inputs = zero_states(&graph, 2);
     inputs.insert("input_ids".into(), io["input_ids"].clone());
@@ -91,35 +101,87 @@ fn bf16_gemms_stay_close_to_the_goldens() {
     assert!(err < 1e-1, "bf16 logits off by {err:e}");
 }
 
+/// Random configs, forward and backward, fused and unfused, against the CPU oracle. Every
+/// other case has widths that are multiples of 128, so the tiled forward scan runs as well as
+/// the one-thread-per-column one; sequence lengths are rarely multiples of the 16-step
+/// checkpoint chunks of the reverse scan.
 #[test]
 fn gpu_equals_cpu_on_random_small_configs() {
     let Some(_) = gpu_or_skip("gpu_equals_cpu_on_random_small_configs") else { return };
     let mut rng = Rng::new(11);
-    for case in 0..6 {
+    for case in 0..8 {
+        let tiled = case % 2 == 0;
         let cfg = NeuronSparkConfig {
             vocab_size: 64 + rng.below(200) as usize,
-            d: 16 + 8 * rng.below(8) as usize,
-            n: 1 + rng.below(6) as usize,
+            d: if tiled { 32 * (1 + rng.below(2) as usize) } else { 16 + 8 * rng.below(8) as usize },
+            n: if tiled { 4 } else { 1 + rng.below(6) as usize },
             k: 1 + rng.below(6) as usize,
             num_layers: 1 + rng.below(3) as usize,
-            d_ff: 16 + 16 * rng.below(6) as usize,
+            d_ff: if tiled { 128 * (1 + rng.below(2) as usize) } else { 16 + 16 * rng.below(6) as usize },
             v_th_min: 0.1,
-            boundary: if case % 2 == 0 { Boundary::Leak } else { Boundary::Vpost },
+            boundary: if case % 4 < 2 { Boundary::Leak } else { Boundary::Vpost },
         };
         let (b, t) = (1 + rng.below(3) as usize, 1 + rng.below(9) as usize);
         let params = init_params(&cfg, case);
-        let graph = build_graph(&cfg, &GraphOptions::default()).unwrap();
-        let mut inputs = zero_states(&graph, b);
+        let built = build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap();
+        let mut inputs = zero_states(&built, b);
         inputs.insert("input_ids".into(), Tensor::i64(vec![b, t], (0..b * t).map(|_| rng.below(cfg.vocab_size as u64) as i64).collect()));
-        let cpu = CpuProgram::compile(&graph).unwrap().run(&inputs, &params).unwrap();
-        let mut gpu = GpuProgram::compile(Gpu::new(0).unwrap(), &graph).unwrap();
-        gpu.set_params(&params).unwrap();
-        let out = gpu.run(&inputs).unwrap();
-        for (k, v) in &cpu {
-            let err = rel_l2(&out[k].to_f32_vec(), &v.to_f32_vec());
-            assert!(err < 1e-5, "case {case} {cfg:?}: `{k}` differs by {err:e}");
+        inputs.insert("target_ids".into(), Tensor::i64(vec![b, t], (0..b * t).map(|_| rng.below(cfg.vocab_size as u64) as i64).collect()));
+        inputs.insert("loss_mask".into(), Tensor::f32(vec![b, t], vec![1.0; b * t]));
+        let reference = sparkc_passes::autodiff::differentiate(&built, "total_loss", &[]).unwrap();
+        let cpu = CpuProgram::compile(&reference).unwrap().run(&inputs, &params).unwrap();
+        for fuse in [false, true] {
+            let graph = sparkc_passes::autodiff::differentiate(&maybe_fused(built.clone(), fuse), "total_loss", &[]).unwrap();
+            let started = std::time::Instant::now();
+            let mut gpu = GpuProgram::compile(Gpu::new(0).unwrap(), &graph).unwrap();
+            println!("case {case} (fused {fuse}): compiled in {:.1} s", started.elapsed().as_secs_f64());
+            gpu.set_params(&params).unwrap();
+            let out = gpu.run(&inputs).unwrap();
+            for (k, v) in &cpu {
+                let err = rel_l2(&out[k].to_f32_vec(), &v.to_f32_vec());
+                let bar = if k.starts_with("grad.") { 1e-4 } else { 1e-5 };
+                assert!(err < bar, "case {case} (fused {fuse}) {cfg:?} B={b} T={t}: `{k}` differs by {err:e}");
+            }
         }
     }
+}
+
+/// bf16 end to end (fused scans, bf16 activations between GEMMs and scans): the gradients keep
+/// their direction (cosine to the fp32 CPU gradients), for every parameter tensor.
+#[test]
+fn bf16_training_graph_tracks_the_fp32_gradients() {
+    let Some(_) = gpu_or_skip("bf16_training_graph_tracks_the_fp32_gradients") else { return };
+    let params = read_tensors(Path::new(&format!("{GOLDEN}/model.safetensors"))).unwrap();
+    let cfg = NeuronSparkConfig::load(Path::new(&format!("{GOLDEN}/config_leak.json"))).unwrap();
+    let built = build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap();
+    let io = read_tensors(Path::new(&format!("{GOLDEN}/io_leak.safetensors"))).unwrap();
+    let gold = read_tensors(Path::new(&format!("{GOLDEN}/grads_leak.safetensors"))).unwrap();
+    let mut inputs = zero_states(&built, 2);
+    for k in ["input_ids", "target_ids"] {
+        inputs.insert(k.into(), io[k].clone());
+    }
+    inputs.insert("loss_mask".into(), Tensor::f32(vec![2, 8], io["loss_mask"].to_f32_vec()));
+    let graph = sparkc_passes::autodiff::differentiate(&maybe_fused(built, true), "total_loss", &[]).unwrap();
+    let mut prog = GpuProgram::compile_with(Gpu::new(0).unwrap(), &graph, sparkc_backend_cuda::program::Precision::Bf16).unwrap();
+    prog.set_params(&params).unwrap();
+    let out = prog.run(&inputs).unwrap();
+    let loss = (out["total_loss"].to_f32_vec()[0] as f64, io["total_loss"].to_f32_vec()[0] as f64);
+    println!("bf16 total loss {} vs fp32 {}", loss.0, loss.1);
+    assert!(((loss.0 - loss.1) / loss.1).abs() < 0.05, "bf16 loss {} vs {}", loss.0, loss.1);
+    let mut worst = (1.0f64, String::new());
+    for (k, g) in &gold {
+        let (a, b) = (out[&format!("grad.{k}")].to_f32_vec(), g.to_f32_vec());
+        assert!(a.iter().all(|x| x.is_finite()), "{k}: non-finite bf16 gradient");
+        let dot: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let cos = if na * nb == 0.0 { 1.0 } else { dot / (na * nb) };
+        if cos < worst.0 {
+            worst = (cos, k.clone());
+        }
+    }
+    println!("bf16 gradients: lowest cosine to fp32 {:.4} ({})", worst.0, worst.1);
+    assert!(worst.0 > 0.9, "bf16 gradient of {} points elsewhere (cosine {:.4})", worst.1, worst.0);
 }
 
 /// The backward graph on the GPU gives the original's gradients (the same bar as the CPU).
@@ -127,9 +189,9 @@ fn gpu_equals_cpu_on_random_small_configs() {
 fn golden_gradients_match_on_the_gpu() {
     let Some(_) = gpu_or_skip("golden_gradients_match_on_the_gpu") else { return };
     let params = read_tensors(Path::new(&format!("{GOLDEN}/model.safetensors"))).unwrap();
-    for variant in ["leak", "vpost"] {
+    for (variant, fuse) in [("leak", false), ("vpost", false), ("leak", true), ("vpost", true)] {
         let cfg = NeuronSparkConfig::load(Path::new(&format!("{GOLDEN}/config_{variant}.json"))).unwrap();
-        let graph = build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap();
+        let graph = maybe_fused(build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap(), fuse);
         let graph = sparkc_passes::autodiff::differentiate(&graph, "total_loss", &[]).unwrap();
         let io = read_tensors(Path::new(&format!("{GOLDEN}/io_{variant}.safetensors"))).unwrap();
         let gold = read_tensors(Path::new(&format!("{GOLDEN}/grads_{variant}.safetensors"))).unwrap();
@@ -148,8 +210,8 @@ fn golden_gradients_match_on_the_gpu() {
                 worst = (err, k.clone());
             }
         }
-        println!("{variant}: worst gradient relative L2 {:e} ({})", worst.0, worst.1);
-        assert!(worst.0 < 1e-4, "{variant}: gradient of {} off by {:e}", worst.1, worst.0);
+        println!("{variant} (fused scans: {fuse}): worst gradient relative L2 {:e} ({})", worst.0, worst.1);
+        assert!(worst.0 < 1e-4, "{variant} (fused {fuse}): gradient of {} off by {:e}", worst.1, worst.0);
     }
 }
 
@@ -159,8 +221,10 @@ fn first_training_steps_match_the_cpu() {
     let Some(_) = gpu_or_skip("first_training_steps_match_the_cpu") else { return };
     use sparkc_runtime::train::{data::PackedData, Event, TrainConfig, Trainer};
     let cfg = NeuronSparkConfig::tiny();
-    let graph = build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap();
-    let graph = sparkc_passes::autodiff::differentiate(&graph, "total_loss", &[]).unwrap();
+    let built = build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap();
+    let graph = sparkc_passes::autodiff::differentiate(&built, "total_loss", &[]).unwrap();
+    // The GPU runs the graph as the CLI prepares it for CUDA: scans fused.
+    let fused = sparkc_passes::autodiff::differentiate(&maybe_fused(built, true), "total_loss", &[]).unwrap();
     let text = sparkc_frontend::corpus::synthetic(3, 20_000);
     let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
     let tcfg = TrainConfig { batch_size: 2, seq_len: 16, steps: 4, warmup: 0, checkpoint_every: 0, eval_every: 0, ..Default::default() };
@@ -172,7 +236,7 @@ fn first_training_steps_match_the_cpu() {
         (0..4).map(|_| match t.step().unwrap() { Event::Step { loss, .. } => loss, _ => unreachable!() }).collect()
     };
     let cpu = run(Box::new(CpuProgram::compile(&graph).unwrap()));
-    let gpu = run(Box::new(GpuProgram::compile(Gpu::new(0).unwrap(), &graph).unwrap()));
+    let gpu = run(Box::new(GpuProgram::compile(Gpu::new(0).unwrap(), &fused).unwrap()));
     println!("losses cpu {cpu:?}\n       gpu {gpu:?}");
     for (a, b) in cpu.iter().zip(&gpu) {
         assert!(((a - b) / a).abs() < 1e-4, "cpu {cpu:?} vs gpu {gpu:?}");
@@ -226,4 +290,31 @@ fn bad_inputs_are_errors_on_the_gpu() {
     missing.remove("norm.gain");
     let err = prog.set_params(&missing).unwrap_err().to_string();
     assert!(err.contains("norm.gain"), "{err}");
+}
+
+/// Decoding on the GPU keeps the neuron state on the device and, from the second one-token
+/// step on, replays the step as a captured CUDA graph: every step's logits equal the CPU
+/// session's (which carries the state on the host), in f32 and through fused scans.
+#[test]
+fn resident_state_and_captured_steps_match_the_cpu() {
+    let Some(_) = gpu_or_skip("resident_state_and_captured_steps_match_the_cpu") else { return };
+    use sparkc_runtime::Session;
+    let cfg = NeuronSparkConfig::tiny();
+    let params = init_params(&cfg, 3);
+    let built = build_graph(&cfg, &GraphOptions::default()).unwrap();
+    let mut cpu = Session::new(CpuProgram::compile(&built).unwrap(), params.clone());
+    let mut gpu = Session::new(GpuProgram::compile(Gpu::new(0).unwrap(), &maybe_fused(built, true)).unwrap(), params);
+    let mut rng = Rng::new(5);
+    for batch in [2usize, 1] {
+        cpu.reset(batch);
+        gpu.reset(batch);
+        for (step, t) in [3usize, 1, 1, 1, 1, 1, 2, 1].into_iter().enumerate() {
+            let ids = Tensor::i64(vec![batch, t], (0..batch * t).map(|_| rng.below(cfg.vocab_size as u64) as i64).collect());
+            let a = cpu.step(BTreeMap::from([("input_ids".to_string(), ids.clone())])).unwrap();
+            let b = gpu.step(BTreeMap::from([("input_ids".to_string(), ids)])).unwrap();
+            let err = rel_l2(&b["logits"].to_f32_vec(), &a["logits"].to_f32_vec());
+            assert!(err < 1e-5, "batch {batch} step {step} (T={t}): logits differ by {err:e}");
+        }
+        assert!(gpu.state().is_empty(), "the GPU session keeps its state on the device");
+    }
 }

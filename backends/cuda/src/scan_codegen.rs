@@ -1,0 +1,786 @@
+//! Neuron scan kernels generated from the model's IR description: the forward scan (a simple
+//! one-thread-per-column form for any width, and a tiled form whose per-step inputs stream
+//! through shared memory with `cp.async`), and the reverse scan from `sparkc_ir::adjoint`.
+//!
+//! Storage is per tensor (`Elem`): per-step inputs, emitted outputs and gradients may be bf16;
+//! the state, the arithmetic, checkpoints and parameter gradients are f32.
+//!
+//! For the backward, the forward writes the state every `CHECKPOINT_EVERY` steps (1/16 of one
+//! f32 tensor, the size a bit-packed spike tensor would take). The reverse scan re-runs each
+//! 16-step chunk from its checkpoint in registers and walks it backwards, so it reads every
+//! per-step input once, writes every input gradient once, and no per-step state, spike or
+//! modulation tensor is ever stored.
+
+use crate::codegen::{constant, expr, forward_step, forward_step_given, ident, Elem};
+use sparkc_ir::adjoint::{derive, output_grad_name, state_grad_name};
+use sparkc_ir::expr::Expr;
+use sparkc_ir::neuron::NeuronModel;
+use std::fmt::Write;
+
+/// Steps between forward checkpoints = steps per chunk of the reverse scan.
+pub const CHECKPOINT_EVERY: usize = 16;
+/// Threads (= channels) per block of the tiled forward scan.
+pub const TILE_THREADS: usize = 128;
+
+/// Storage of the per-step tensors of one scan.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ScanIo {
+    /// One per model input (forward) — also the storage of its gradient (reverse).
+    pub inputs: Vec<Elem>,
+    /// One per emitted output (forward) — also the storage of its incoming gradient (reverse).
+    pub outputs: Vec<Elem>,
+}
+
+impl ScanIo {
+    pub fn f32(model: &NeuronModel, emit: &[String]) -> ScanIo {
+        ScanIo { inputs: vec![Elem::F32; model.inputs.len()], outputs: vec![Elem::F32; emit.len()] }
+    }
+}
+
+/// Number of checkpoints per column for `s` steps.
+pub fn checkpoints(s: usize) -> usize {
+    s.div_ceil(CHECKPOINT_EVERY)
+}
+
+/// Threads per block of the tiled forward: 4 chain warps (one thread per channel) and 12
+/// prologue warps.
+pub const TILE_BLOCK: usize = 512;
+const PROLOGUE_THREADS: usize = TILE_BLOCK - TILE_THREADS;
+/// Steps per tile of the tiled forward.
+const TILE_STEPS: usize = 16;
+/// Raw-input tiles in flight per block: at least three, more when tiles are small (one bf16
+/// input is 4 KB a tile), so that some 48 KB per SM are always on their way.
+fn raw_stages(raw_tile_bytes: usize) -> usize {
+    (48 * 1024 / raw_tile_bytes.max(1)).clamp(3, 12)
+}
+
+/// A neuron step split for the tiled forward: lets of parameters only (β = σ(w)) are
+/// computed once per channel; the lets that do not depend on the state (the modulation
+/// prologue — σ, softplus, |·| of the inputs) are computed for a whole tile by the prologue
+/// warps in parallel; the chain warps run only what depends on the state, reading the `staged`
+/// values (inputs and prologue lets) from shared memory.
+#[derive(Clone, Debug)]
+pub struct StepSplit {
+    pub constant: Vec<sparkc_ir::neuron::Binding>,
+    pub prologue: Vec<sparkc_ir::neuron::Binding>,
+    pub staged: Vec<String>,
+}
+
+pub fn split_step(model: &NeuronModel) -> StepSplit {
+    let mut dependent: std::collections::BTreeSet<String> = model.state.iter().map(|s| s.name.clone()).collect();
+    let mut per_step: std::collections::BTreeSet<String> = model.inputs.iter().cloned().collect();
+    let (mut constant, mut prologue) = (Vec::new(), Vec::new());
+    let mut chain_exprs = Vec::new();
+    for b in &model.lets {
+        let vars = b.expr.vars();
+        if vars.iter().any(|v| dependent.contains(v)) {
+            dependent.insert(b.name.clone());
+            chain_exprs.push(&b.expr);
+        } else if vars.iter().any(|v| per_step.contains(v)) {
+            per_step.insert(b.name.clone());
+            prologue.push(b.clone());
+        } else {
+            constant.push(b.clone());
+        }
+    }
+    chain_exprs.extend(model.charge.iter().map(|b| &b.expr));
+    chain_exprs.push(&model.threshold);
+    chain_exprs.extend(model.outputs.iter().map(|b| &b.expr));
+    let needed: std::collections::BTreeSet<String> = chain_exprs.iter().flat_map(|e| e.vars()).collect();
+    let staged = model.inputs.iter().chain(prologue.iter().map(|b| &b.name)).filter(|n| needed.contains(*n)).cloned().collect();
+    StepSplit { constant, prologue, staged }
+}
+
+/// Steps per tile, raw-input stages and shared memory of the tiled forward scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TilePlan {
+    pub steps: usize,
+    pub stages: usize,
+    pub smem_bytes: usize,
+}
+
+pub fn tile_plan(model: &NeuronModel, io: &ScanIo) -> TilePlan {
+    let raw_row: usize = io.inputs.iter().map(|e| e.bytes() * TILE_THREADS).sum();
+    let staged = split_step(model).staged.len();
+    let stages = raw_stages(TILE_STEPS * raw_row);
+    let smem_bytes = stages * TILE_STEPS * raw_row + 2 * staged * TILE_STEPS * TILE_THREADS * 4;
+    TilePlan { steps: TILE_STEPS, stages, smem_bytes }
+}
+
+/// Whether the tiled kernel applies: every block's 128 channels lie in one batch row (each row
+/// of a tile is whole 16-byte chunks) and its shared memory fits.
+pub fn can_tile(model: &NeuronModel, c: usize, io: &ScanIo) -> bool {
+    c % TILE_THREADS == 0 && !io.inputs.is_empty() && tile_plan(model, io).smem_bytes <= 200 * 1024
+}
+
+fn signature(name: &str, model: &NeuronModel, io: &ScanIo, launch_bounds: bool) -> String {
+    let mut p = Vec::new();
+    for (n, t) in model.inputs.iter().zip(&io.inputs) {
+        p.push(format!("const {}* __restrict__ in_{}", t.c_type(), ident(n)));
+    }
+    for n in &model.params {
+        p.push(format!("const float* __restrict__ p_{}", ident(n)));
+    }
+    for st in &model.state {
+        p.push(format!("const float* __restrict__ init_{}", ident(&st.name)));
+    }
+    for (k, t) in io.outputs.iter().enumerate() {
+        p.push(format!("{}* __restrict__ o_{k}", t.c_type()));
+    }
+    for st in &model.state {
+        p.push(format!("float* __restrict__ fin_{}", ident(&st.name)));
+    }
+    for st in &model.state {
+        p.push(format!("float* __restrict__ ck_{}", ident(&st.name)));
+    }
+    p.extend(["int B", "int S", "int K", "int C"].map(String::from));
+    let bounds = if launch_bounds { format!("__launch_bounds__({TILE_THREADS}) ") } else { String::new() };
+    format!("extern \"C\" __global__ void {bounds}{name}({})", p.join(", "))
+}
+
+/// Per-step statements shared by both forward kernels: checkpoint, token reset, the model's
+/// step, the stores. Expects `step`, the input variables and the state variables in scope.
+fn forward_body(model: &NeuronModel, emit: &[String], token_scope: bool, given: &std::collections::BTreeSet<String>) -> String {
+    let mut s = String::new();
+    if !model.state.is_empty() {
+        let _ = writeln!(s, "      if (step % {CHECKPOINT_EVERY} == 0 && ck_{} != nullptr) {{", ident(&model.state[0].name));
+        let _ = writeln!(s, "        const long long ck_at = ((long long)b * nck + step / {CHECKPOINT_EVERY}) * C + c;");
+        for st in &model.state {
+            let _ = writeln!(s, "        ck_{0}[ck_at] = {0};", ident(&st.name));
+        }
+        let _ = writeln!(s, "      }}");
+    }
+    if token_scope {
+        for st in &model.state {
+            let _ = writeln!(s, "      if (step % K == 0) {} = {};", ident(&st.name), constant(st.init));
+        }
+    }
+    s.push_str(&forward_step_given(model, emit, given));
+    for k in 0..emit.len() {
+        let _ = writeln!(s, "      sp_st(o_{k}, base + (long long)step * C, out_{k});");
+    }
+    s
+}
+
+fn prologue(model: &NeuronModel) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "  const int b = (int)(col / C), c = (int)(col % C);");
+    let _ = writeln!(s, "  const int nck = (S + {CHECKPOINT_EVERY} - 1) / {CHECKPOINT_EVERY};");
+    let _ = writeln!(s, "  (void)nck;");
+    for n in &model.params {
+        let _ = writeln!(s, "  const float {} = p_{}[c];", ident(n), ident(n));
+    }
+    for st in &model.state {
+        let _ = writeln!(s, "  float {} = init_{}[col];", ident(&st.name), ident(&st.name));
+    }
+    let _ = writeln!(s, "  const long long base = (long long)b * S * C + c;");
+    s
+}
+
+fn epilogue(model: &NeuronModel) -> String {
+    let mut s = String::new();
+    for st in &model.state {
+        let _ = writeln!(s, "  fin_{0}[col] = {0};", ident(&st.name));
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// Steps per unrolled group of the simple kernel: the loads of a group are issued before its
+/// sequential math. Measured on an H100 (docs/cuda-notes.md): 16 is best with three per-step
+/// inputs, 32 with one.
+pub fn scan_unroll(model: &NeuronModel) -> usize {
+    if model.inputs.len() <= 1 {
+        32
+    } else {
+        16
+    }
+}
+
+/// The forward scan, one thread per (batch row, channel), any width; per-step inputs are
+/// [B,S,C]. Signature: (inputs..., params..., init states..., outputs..., final states...,
+/// checkpoints per state (nullable, [B, ⌈S/16⌉, C])..., B, S, K, C).
+pub fn scan_forward_simple(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool, io: &ScanIo, u: usize) -> String {
+    let mut s = signature(name, model, io, false);
+    s.push_str(" {\n");
+    let _ = writeln!(s, "  const long long col = blockIdx.x * (long long)blockDim.x + threadIdx.x;");
+    let _ = writeln!(s, "  if (col >= (long long)B * C) return;");
+    s.push_str(&prologue(model));
+    let _ = writeln!(s, "  for (int s0 = 0; s0 < S; s0 += {u}) {{");
+    for n in &model.inputs {
+        let _ = writeln!(s, "    float buf_{}[{u}];", ident(n));
+    }
+    let _ = writeln!(s, "    #pragma unroll\n    for (int j = 0; j < {u}; ++j) {{\n      if (s0 + j < S) {{");
+    for n in &model.inputs {
+        let _ = writeln!(s, "        buf_{0}[j] = sp_ld(in_{0}, base + (long long)(s0 + j) * C);", ident(n));
+    }
+    let _ = writeln!(s, "      }}\n    }}");
+    let _ = writeln!(s, "    #pragma unroll\n    for (int j = 0; j < {u}; ++j) {{\n      if (s0 + j >= S) break;");
+    let _ = writeln!(s, "      const int step = s0 + j;");
+    for n in &model.inputs {
+        let _ = writeln!(s, "      const float {0} = buf_{0}[j];", ident(n));
+    }
+    s.push_str(&forward_body(model, emit, token_scope, &Default::default()));
+    let _ = writeln!(s, "    }}\n  }}");
+    s.push_str(&epilogue(model));
+    s
+}
+
+/// The forward scan for widths that are multiples of 128, warp-specialised: a block owns 128
+/// adjacent channels of one batch row. Its 12 prologue warps bring tiles of 16 steps × 128
+/// channels in by 16-byte `cp.async` copies (three tiles in flight) and compute the
+/// state-independent part of the step for the next tile, while its 4 chain warps (one thread
+/// per channel) run the sequential part of the current one from shared memory. With only B·C
+/// threads in the whole scan, this is what keeps the memory system and the SMs busy.
+/// Same signature as [`scan_forward_simple`]; needs `plan.smem_bytes` of dynamic shared memory.
+pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool, io: &ScanIo, plan: TilePlan) -> String {
+    let (l, ns, t, pt) = (plan.steps, plan.stages, TILE_THREADS, PROLOGUE_THREADS);
+    let split = split_step(model);
+    let given: std::collections::BTreeSet<String> = split.constant.iter().chain(&split.prologue).map(|b| b.name.clone()).collect();
+    let row_bytes: Vec<usize> = io.inputs.iter().map(|e| e.bytes() * t).collect();
+    let raw_stage: usize = row_bytes.iter().sum::<usize>() * l;
+    let mut offsets = Vec::new();
+    let mut off = 0;
+    for rb in &row_bytes {
+        offsets.push(off);
+        off += rb * l;
+    }
+    let pro_base = ns * raw_stage;
+    let pro_stage = split.staged.len() * l * t * 4;
+    let mut s = signature(name, model, io, false).replacen("__global__ void ", &format!("__global__ void __launch_bounds__({TILE_BLOCK}) "), 1);
+    s.push_str(" {\n");
+    let _ = writeln!(s, "  extern __shared__ __align__(16) unsigned char sp_smem[];");
+    let _ = writeln!(s, "  const int tid = threadIdx.x;");
+    let _ = writeln!(s, "  const bool chain = tid < {t};");
+    let _ = writeln!(s, "  const int pt = tid - {t};");
+    let _ = writeln!(s, "  const long long col0 = blockIdx.x * {t}LL;");
+    let _ = writeln!(s, "  const int b = (int)(col0 / C), c0 = (int)(col0 % C);");
+    let _ = writeln!(s, "  const long long tile_base = (long long)b * S * C + c0;");
+    let _ = writeln!(s, "  const int ntiles = (S + {l} - 1) / {l};");
+    // Copies of tile `tt` (prologue threads); an empty group past the end keeps counts uniform.
+    let mut issue = String::new();
+    let _ = writeln!(issue, "      if (tt < ntiles) {{");
+    let _ = writeln!(issue, "        unsigned char* stg = sp_smem + (tt % {ns}) * {raw_stage};");
+    let _ = writeln!(issue, "        const int s0 = tt * {l};");
+    for (i, n) in model.inputs.iter().enumerate() {
+        let chunks = row_bytes[i] / 16;
+        let _ = writeln!(issue, "        for (int q = pt; q < {l} * {chunks}; q += {pt}) {{");
+        let _ = writeln!(issue, "          const int r = q / {chunks}, ch = q % {chunks};");
+        let _ = writeln!(issue, "          if (s0 + r < S) sp_cp16(stg + {} + r * {} + ch * 16, (const unsigned char*)(in_{} + tile_base + (long long)(s0 + r) * C) + ch * 16);", offsets[i], row_bytes[i], ident(n));
+        let _ = writeln!(issue, "        }}");
+    }
+    let _ = writeln!(issue, "      }}\n      sp_cp_commit();");
+    // The prologue of tile `tt`: every (step, channel) of the tile in parallel.
+    let mut pro = String::new();
+    let _ = writeln!(pro, "      {{");
+    let _ = writeln!(pro, "        const unsigned char* stg = sp_smem + (tt % {ns}) * {raw_stage};");
+    let _ = writeln!(pro, "        float* pro = (float*)(sp_smem + {pro_base} + (tt & 1) * {pro_stage});");
+    let _ = writeln!(pro, "        for (int e = pt; e < {l} * {t}; e += {pt}) {{");
+    let _ = writeln!(pro, "          const int j = e / {t}, ch = e % {t};");
+    let _ = writeln!(pro, "          if (tt * {l} + j >= S) continue;");
+    let _ = writeln!(pro, "          const int c = c0 + ch;");
+    for (i, (n, e)) in model.inputs.iter().zip(&io.inputs).enumerate() {
+        let _ = writeln!(pro, "          const float {0} = sp_ld((const {1}*)(stg + {2} + j * {3}), ch);", ident(n), e.c_type(), offsets[i], row_bytes[i]);
+    }
+    let pro_vars: std::collections::BTreeSet<String> = split.prologue.iter().chain(&split.constant).flat_map(|b| b.expr.vars()).collect();
+    for n in model.params.iter().filter(|p| pro_vars.contains(*p)) {
+        let _ = writeln!(pro, "          const float {} = p_{}[c];", ident(n), ident(n));
+    }
+    for b in &split.constant {
+        let _ = writeln!(pro, "          const float {} = {};", ident(&b.name), expr(&b.expr, &|v| ident(v)));
+    }
+    for b in &split.prologue {
+        let _ = writeln!(pro, "          const float {} = {};", ident(&b.name), expr(&b.expr, &|v| ident(v)));
+    }
+    for (k, n) in split.staged.iter().enumerate() {
+        let _ = writeln!(pro, "          pro[{} + j * {t} + ch] = {};", k * l * t, ident(n));
+    }
+    let _ = writeln!(pro, "        }}\n      }}");
+    let wait_and_sync = format!("      sp_cp_wait<{}>();\n      asm volatile(\"bar.sync 1, {pt};\" ::: \"memory\");\n", ns - 1);
+    // Start: tiles 0..ns in flight, the prologue of tile 0.
+    let _ = writeln!(s, "  if (!chain) {{");
+    let _ = writeln!(s, "    for (int tt = 0; tt < {ns}; ++tt) {{\n{issue}    }}");
+    let _ = writeln!(s, "{wait_and_sync}    {{\n      const int tt = 0;\n{pro}    }}");
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "  __syncthreads();");
+    // Chain threads' registers.
+    let _ = writeln!(s, "  const long long col = col0 + (chain ? tid : 0);");
+    let _ = writeln!(s, "  const int c = c0 + (chain ? tid : 0);");
+    let _ = writeln!(s, "  const int nck = (S + {CHECKPOINT_EVERY} - 1) / {CHECKPOINT_EVERY};\n  (void)nck;");
+    for n in &model.params {
+        let _ = writeln!(s, "  const float {} = p_{}[c];", ident(n), ident(n));
+    }
+    for b in &split.constant {
+        let _ = writeln!(s, "  const float {} = {};", ident(&b.name), expr(&b.expr, &|v| ident(v)));
+    }
+    for st in &model.state {
+        let _ = writeln!(s, "  float {} = init_{}[col];", ident(&st.name), ident(&st.name));
+    }
+    let _ = writeln!(s, "  const long long base = (long long)b * S * C + c;");
+    let _ = writeln!(s, "  for (int tile = 0; tile < ntiles; ++tile) {{");
+    let _ = writeln!(s, "    if (chain) {{");
+    let _ = writeln!(s, "      const float* pro = (const float*)(sp_smem + {pro_base} + (tile & 1) * {pro_stage});");
+    let _ = writeln!(s, "      #pragma unroll\n      for (int j = 0; j < {l}; ++j) {{");
+    let _ = writeln!(s, "      const int step = tile * {l} + j;\n      if (step >= S) break;");
+    for (k, n) in split.staged.iter().enumerate() {
+        let _ = writeln!(s, "      const float {} = pro[{} + j * {t} + tid];", ident(n), k * l * t);
+    }
+    s.push_str(&forward_body(model, emit, token_scope, &given));
+    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "    }} else {{");
+    let _ = writeln!(s, "      {{\n      const int tt = tile + {ns};\n{issue}      }}");
+    let _ = writeln!(s, "{wait_and_sync}      {{\n      const int tt = tile + 1;\n      if (tt < ntiles) {{\n{pro}      }}\n      }}");
+    let _ = writeln!(s, "    }}\n    __syncthreads();\n  }}");
+    let _ = writeln!(s, "  if (chain) {{");
+    for st in &model.state {
+        let _ = writeln!(s, "    fin_{0}[col] = {0};", ident(&st.name));
+    }
+    let _ = writeln!(s, "  }}\n}}");
+    s
+}
+
+/// The reverse scan from the model's adjoint step, one thread per (batch row, channel).
+/// Without checkpoints from the forward (`have_ck == 0`) it first runs the forward writing
+/// them into `ck_*`. Then, chunk by chunk from the end, it re-runs 16 steps from the chunk's
+/// checkpoint keeping inputs and states in registers, and walks them backwards.
+/// Signature: (inputs..., params..., init states..., grads of emitted outputs..., grads of
+/// final states..., checkpoints per state..., int have_ck, input grads..., param grads per
+/// row [B,C]..., init-state grads..., B, S, K, C). `inputs`, `out_grads` and `in_grads` give
+/// the storage of the per-step inputs, of the incoming gradients of the emitted outputs and of
+/// the input gradients written.
+pub fn scan_adjoint_chunked(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool, inputs: &[Elem], out_grads: &[Elem], in_grads: &[Elem]) -> Result<String, String> {
+    let step = derive(model, emit)?;
+    let ck = CHECKPOINT_EVERY;
+    let id = |n: &str| ident(n);
+    if inputs.len() != model.inputs.len() || in_grads.len() != model.inputs.len() || out_grads.len() != emit.len() {
+        return Err(format!("reverse scan of `{}`: storage given for the wrong number of tensors", model.name));
+    }
+    let mut p = Vec::new();
+    for (n, t) in model.inputs.iter().zip(inputs) {
+        p.push(format!("const {}* __restrict__ in_{}", t.c_type(), id(n)));
+    }
+    for n in &model.params {
+        p.push(format!("const float* __restrict__ p_{}", id(n)));
+    }
+    for st in &model.state {
+        p.push(format!("const float* __restrict__ init_{}", id(&st.name)));
+    }
+    for (k, t) in out_grads.iter().enumerate() {
+        p.push(format!("const {}* __restrict__ g_{k}", t.c_type()));
+    }
+    for st in &model.state {
+        p.push(format!("const float* __restrict__ gf_{}", id(&st.name)));
+    }
+    for st in &model.state {
+        p.push(format!("float* __restrict__ ck_{}", id(&st.name)));
+    }
+    p.push("int have_ck".into());
+    for (n, t) in model.inputs.iter().zip(in_grads) {
+        p.push(format!("{}* __restrict__ din_{}", t.c_type(), id(n)));
+    }
+    for n in &model.params {
+        p.push(format!("float* __restrict__ dp_{}", id(n)));
+    }
+    for st in &model.state {
+        p.push(format!("float* __restrict__ dinit_{}", id(&st.name)));
+    }
+    p.extend(["int B", "int S", "int K", "int C"].map(String::from));
+    let mut s = format!("extern \"C\" __global__ void {name}({}) {{\n", p.join(", "));
+    let _ = writeln!(s, "  const long long col = blockIdx.x * (long long)blockDim.x + threadIdx.x;");
+    let _ = writeln!(s, "  if (col >= (long long)B * C) return;");
+    let _ = writeln!(s, "  const int b = (int)(col / C), c = (int)(col % C);");
+    let _ = writeln!(s, "  const int nck = (S + {ck} - 1) / {ck};");
+    let _ = writeln!(s, "  const long long base = (long long)b * S * C + c;");
+    for n in &model.params {
+        let _ = writeln!(s, "  const float {} = p_{}[c];", id(n), id(n));
+    }
+    let reset = |s: &mut String, indent: &str| {
+        if token_scope {
+            for st in &model.state {
+                let _ = writeln!(s, "{indent}if (step % K == 0) {} = {};", id(&st.name), constant(st.init));
+            }
+        }
+    };
+    // 1. Checkpoints, when the forward did not keep them.
+    let _ = writeln!(s, "  if (!have_ck) {{");
+    for st in &model.state {
+        let _ = writeln!(s, "    float {} = init_{}[col];", id(&st.name), id(&st.name));
+    }
+    let _ = writeln!(s, "    for (int step = 0; step < S; ++step) {{");
+    let _ = writeln!(s, "      if (step % {ck} == 0) {{");
+    for st in &model.state {
+        let _ = writeln!(s, "        ck_{0}[((long long)b * nck + step / {ck}) * C + c] = {0};", id(&st.name));
+    }
+    let _ = writeln!(s, "      }}");
+    reset(&mut s, "      ");
+    for n in &model.inputs {
+        let _ = writeln!(s, "      const float {0} = sp_ld(in_{0}, base + (long long)step * C);", id(n));
+    }
+    s.push_str(&forward_step(model, &[]));
+    let _ = writeln!(s, "    }}\n  }}");
+    // 2. Reverse, chunk by chunk.
+    for st in &model.state {
+        let _ = writeln!(s, "  float carry_{0} = gf_{0}[col];", id(&st.name));
+    }
+    for n in &model.params {
+        let _ = writeln!(s, "  double acc_{} = 0.0;", id(n));
+    }
+    let _ = writeln!(s, "  for (int chunk = nck - 1; chunk >= 0; --chunk) {{");
+    let _ = writeln!(s, "    const int s0 = chunk * {ck};");
+    for n in &model.inputs {
+        let _ = writeln!(s, "    float xs_{}[{ck}];", id(n));
+    }
+    for (k, _) in emit.iter().enumerate() {
+        let _ = writeln!(s, "    float gs_{k}[{ck}];");
+    }
+    for st in &model.state {
+        let _ = writeln!(s, "    float ss_{}[{ck}];", id(&st.name));
+    }
+    // All loads of the chunk first, so that they are in flight together.
+    let _ = writeln!(s, "    #pragma unroll\n    for (int j = 0; j < {ck}; ++j) {{\n      if (s0 + j < S) {{");
+    let _ = writeln!(s, "        const long long at = base + (long long)(s0 + j) * C;");
+    for n in &model.inputs {
+        let _ = writeln!(s, "        xs_{0}[j] = sp_ld(in_{0}, at);", id(n));
+    }
+    for k in 0..emit.len() {
+        let _ = writeln!(s, "        gs_{k}[j] = sp_ld(g_{k}, at);");
+    }
+    let _ = writeln!(s, "      }}\n    }}");
+    // Forward over the chunk from its checkpoint, keeping the state before each step.
+    let _ = writeln!(s, "    {{");
+    for st in &model.state {
+        let _ = writeln!(s, "    float {0} = ck_{0}[((long long)b * nck + chunk) * C + c];", id(&st.name));
+    }
+    let _ = writeln!(s, "    #pragma unroll\n    for (int j = 0; j < {ck}; ++j) {{\n      if (s0 + j < S) {{");
+    let _ = writeln!(s, "      const int step = s0 + j;");
+    reset(&mut s, "      ");
+    for st in &model.state {
+        let _ = writeln!(s, "      ss_{0}[j] = {0};", id(&st.name));
+    }
+    for n in &model.inputs {
+        let _ = writeln!(s, "      const float {0} = xs_{0}[j];", id(n));
+    }
+    s.push_str(&forward_step(model, &[]));
+    let _ = writeln!(s, "      }}\n    }}\n    }}");
+    // Backwards through the chunk.
+    let _ = writeln!(s, "    #pragma unroll\n    for (int j = {} ; j >= 0; --j) {{\n      if (s0 + j < S) {{", ck - 1);
+    let _ = writeln!(s, "      const int step = s0 + j;");
+    let _ = writeln!(s, "      const long long at = base + (long long)step * C;");
+    for n in &model.inputs {
+        let _ = writeln!(s, "      const float {0} = xs_{0}[j];", id(n));
+    }
+    for st in &model.state {
+        let _ = writeln!(s, "      const float {0} = ss_{0}[j];", id(&st.name));
+        let _ = writeln!(s, "      const float {} = carry_{};", id(&state_grad_name(&st.name)), id(&st.name));
+    }
+    for (k, o) in emit.iter().enumerate() {
+        let _ = writeln!(s, "      const float {} = gs_{k}[j];", id(&output_grad_name(o)));
+    }
+    for (n, e) in &step.bindings {
+        let _ = writeln!(s, "      const float {} = {};", id(n), crate::codegen::expr(e, &|v| id(v)));
+    }
+    for (n, g) in model.inputs.iter().zip(&step.input_grads) {
+        let _ = writeln!(s, "      sp_st(din_{}, at, {});", id(n), id(g));
+    }
+    for (n, g) in model.params.iter().zip(&step.param_grads) {
+        let _ = writeln!(s, "      acc_{} += (double){};", id(n), id(g));
+    }
+    for (st, g) in model.state.iter().zip(&step.state_grads) {
+        let cut = if token_scope { "(step % K == 0) ? 0.0f : " } else { "" };
+        let _ = writeln!(s, "      carry_{} = {cut}{};", id(&st.name), id(g));
+    }
+    let _ = writeln!(s, "      }}\n    }}\n  }}");
+    for st in &model.state {
+        let _ = writeln!(s, "  dinit_{0}[col] = carry_{0};", id(&st.name));
+    }
+    for n in &model.params {
+        let _ = writeln!(s, "  dp_{0}[col] = (float)acc_{0};", id(n));
+    }
+    s.push_str("}\n");
+    Ok(s)
+}
+
+/// The reverse-scan step split like [`split_step`]: the bindings that do not depend on the
+/// carried state adjoint (`a_*`) — the recomputed forward step, the surrogate, the local
+/// derivatives, the terms of the incoming output gradients — are computed for a whole tile by
+/// the worker warps; the chain warps evaluate only the rest (a few multiply-adds per step).
+#[derive(Clone, Debug)]
+pub struct AdjointSplit {
+    pub step: sparkc_ir::adjoint::AdjointStep,
+    pub parallel: Vec<(String, Expr)>,
+    pub chain: Vec<(String, Expr)>,
+    /// Names the chain reads from shared memory (parallel bindings, inputs, state, gradients).
+    pub staged: Vec<String>,
+}
+
+pub fn split_adjoint(model: &NeuronModel, emit: &[String]) -> Result<AdjointSplit, String> {
+    let step = derive(model, emit)?;
+    let mut dependent: std::collections::BTreeSet<String> = model.state.iter().map(|s| state_grad_name(&s.name)).collect();
+    let (mut parallel, mut chain) = (Vec::new(), Vec::new());
+    for (n, e) in &step.bindings {
+        if e.vars().iter().any(|v| dependent.contains(v)) {
+            dependent.insert(n.clone());
+            chain.push((n.clone(), e.clone()));
+        } else {
+            parallel.push((n.clone(), e.clone()));
+        }
+    }
+    let mut needed: std::collections::BTreeSet<String> = chain.iter().flat_map(|(_, e)| e.vars()).collect();
+    needed.extend(step.input_grads.iter().chain(&step.param_grads).chain(&step.state_grads).cloned());
+    let known: std::collections::BTreeSet<&String> = parallel.iter().map(|(n, _)| n).collect();
+    let mut staged: Vec<String> = Vec::new();
+    let candidates = model.inputs.iter().cloned()
+        .chain(model.state.iter().map(|s| s.name.clone()))
+        .chain(emit.iter().map(|o| output_grad_name(o)))
+        .chain(parallel.iter().map(|(n, _)| n.clone()));
+    for n in candidates {
+        if needed.contains(&n) && !staged.contains(&n) && (known.contains(&n) || !dependent.contains(&n)) {
+            staged.push(n);
+        }
+    }
+    Ok(AdjointSplit { step, parallel, chain, staged })
+}
+
+/// Shared memory of the tiled reverse scan (None when it would not fit: the per-column
+/// kernel runs instead).
+pub fn adjoint_tile_bytes(model: &NeuronModel, emit: &[String], inputs: &[Elem], out_grads: &[Elem]) -> Option<usize> {
+    let split = split_adjoint(model, emit).ok()?;
+    let raw_row: usize = inputs.iter().chain(out_grads).map(|e| e.bytes() * TILE_THREADS).sum();
+    let bytes = raw_stages(TILE_STEPS * raw_row) * TILE_STEPS * raw_row + model.state.len() * TILE_STEPS * TILE_THREADS * 4 + 2 * split.staged.len() * TILE_STEPS * TILE_THREADS * 4;
+    (bytes <= 200 * 1024).then_some(bytes)
+}
+
+/// The reverse scan for widths that are multiples of 128, warp-specialised like
+/// [`scan_forward_tiled`] and walking the tiles from the last: for the next tile, the worker
+/// warps bring in inputs and output gradients (`cp.async`), re-run the forward over the tile
+/// from its checkpoint (one thread per channel) and evaluate every state-adjoint-independent
+/// binding in parallel; the chain warps carry the state adjoint back through the current tile
+/// and write the input gradients. Same signature as [`scan_adjoint_chunked`]; tiles are the
+/// 16-step checkpoint chunks, so it needs the forward's checkpoints (without them the chain
+/// threads first run the forward to make them).
+pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool, inputs: &[Elem], out_grads: &[Elem], in_grads: &[Elem]) -> Result<String, String> {
+    let per_column = scan_adjoint_chunked(name, model, emit, token_scope, inputs, out_grads, in_grads)?;
+    let smem = adjoint_tile_bytes(model, emit, inputs, out_grads).ok_or("the tiled reverse scan does not fit in shared memory")?;
+    let split = split_adjoint(model, emit)?;
+    let raw_row: usize = inputs.iter().chain(out_grads).map(|e| e.bytes() * TILE_THREADS).sum();
+    let (l, ns, t, pt) = (TILE_STEPS, raw_stages(TILE_STEPS * raw_row), TILE_THREADS, PROLOGUE_THREADS);
+    let id = |n: &str| ident(n);
+    // Raw per-step tensors: inputs, then output gradients.
+    let mut raw: Vec<(String, Elem)> = model.inputs.iter().map(|n| format!("in_{}", id(n))).zip(inputs.iter().copied()).collect();
+    raw.extend((0..emit.len()).map(|k| format!("g_{k}")).zip(out_grads.iter().copied()));
+    let raw_names: Vec<String> = model.inputs.iter().map(|n| id(n)).chain(emit.iter().map(|o| id(&output_grad_name(o)))).collect();
+    let row_bytes: Vec<usize> = raw.iter().map(|(_, e)| e.bytes() * t).collect();
+    let raw_stage: usize = row_bytes.iter().sum::<usize>() * l;
+    let mut offsets = Vec::new();
+    let mut off = 0;
+    for rb in &row_bytes {
+        offsets.push(off);
+        off += rb * l;
+    }
+    let sv_base = ns * raw_stage;
+    let st_base = sv_base + model.state.len() * l * t * 4;
+    let st_stage = split.staged.len() * l * t * 4;
+    // The per-column kernel's signature, with the bounds of a 512-thread block.
+    let sig_end = per_column.find(") {").ok_or("unexpected kernel text")?;
+    let mut s = per_column[..sig_end + 3].replacen("__global__ void ", &format!("__global__ void __launch_bounds__({TILE_BLOCK}) "), 1);
+    s.push('\n');
+    let _ = writeln!(s, "  extern __shared__ __align__(16) unsigned char sp_smem[];");
+    let _ = writeln!(s, "  const int tid = threadIdx.x;\n  const bool chain = tid < {t};\n  const int pt = tid - {t};");
+    let _ = writeln!(s, "  const long long col0 = blockIdx.x * {t}LL;");
+    let _ = writeln!(s, "  const int b = (int)(col0 / C), c0 = (int)(col0 % C);");
+    let _ = writeln!(s, "  const long long tile_base = (long long)b * S * C + c0;");
+    let _ = writeln!(s, "  const int ntiles = (S + {l} - 1) / {l};\n  const int nck = ntiles;");
+    let reset = |s: &mut String, indent: &str| {
+        if token_scope {
+            for st in &model.state {
+                let _ = writeln!(s, "{indent}if (step % K == 0) {} = {};", id(&st.name), constant(st.init));
+            }
+        }
+    };
+    // Checkpoints, when the forward did not keep them: the chain threads run the forward.
+    let _ = writeln!(s, "  if (!have_ck && chain) {{");
+    let _ = writeln!(s, "    const long long col = col0 + tid;\n    const int c = c0 + tid;\n    const long long base = (long long)b * S * C + c;");
+    for n in &model.params {
+        let _ = writeln!(s, "    const float {} = p_{}[c];", id(n), id(n));
+    }
+    for st in &model.state {
+        let _ = writeln!(s, "    float {} = init_{}[col];", id(&st.name), id(&st.name));
+    }
+    let _ = writeln!(s, "    for (int step = 0; step < S; ++step) {{");
+    let _ = writeln!(s, "      if (step % {l} == 0) {{");
+    for st in &model.state {
+        let _ = writeln!(s, "        ck_{0}[((long long)b * nck + step / {l}) * C + c] = {0};", id(&st.name));
+    }
+    let _ = writeln!(s, "      }}");
+    reset(&mut s, "      ");
+    for n in &model.inputs {
+        let _ = writeln!(s, "      const float {0} = sp_ld(in_{0}, base + (long long)step * C);", id(n));
+    }
+    s.push_str(&forward_step(model, &[]));
+    let _ = writeln!(s, "    }}\n  }}\n  __syncthreads();");
+    // Worker pieces: copies of iteration `it`'s tile, then its recompute and parallel part.
+    let mut issue = String::new();
+    let _ = writeln!(issue, "      if (it < ntiles) {{");
+    let _ = writeln!(issue, "        const int tl = ntiles - 1 - it;");
+    let _ = writeln!(issue, "        unsigned char* stg = sp_smem + (it % {ns}) * {raw_stage};");
+    let _ = writeln!(issue, "        const int s0 = tl * {l};");
+    for (i, (ptr, _)) in raw.iter().enumerate() {
+        let chunks = row_bytes[i] / 16;
+        let _ = writeln!(issue, "        for (int q = pt; q < {l} * {chunks}; q += {pt}) {{");
+        let _ = writeln!(issue, "          const int r = q / {chunks}, ch = q % {chunks};");
+        let _ = writeln!(issue, "          if (s0 + r < S) sp_cp16(stg + {} + r * {} + ch * 16, (const unsigned char*)({ptr} + tile_base + (long long)(s0 + r) * C) + ch * 16);", offsets[i], row_bytes[i]);
+        let _ = writeln!(issue, "        }}");
+    }
+    let _ = writeln!(issue, "      }}\n      sp_cp_commit();");
+    let load_raw = |s: &mut String, indent: &str, j: &str, ch: &str| {
+        for (i, (name, (_, e))) in raw_names.iter().zip(&raw).enumerate() {
+            let _ = writeln!(s, "{indent}const float {name} = sp_ld((const {}*)(stg + {} + ({j}) * {}), {ch});", e.c_type(), offsets[i], row_bytes[i]);
+        }
+    };
+    let mut prep = String::new();
+    let _ = writeln!(prep, "      if (it < ntiles) {{");
+    let _ = writeln!(prep, "        const int tl = ntiles - 1 - it;\n        const int s0 = tl * {l};");
+    let _ = writeln!(prep, "        const unsigned char* stg = sp_smem + (it % {ns}) * {raw_stage};");
+    let _ = writeln!(prep, "        float* sv = (float*)(sp_smem + {sv_base});");
+    let _ = writeln!(prep, "        float* sg = (float*)(sp_smem + {st_base} + (it & 1) * {st_stage});");
+    // Forward over the tile from its checkpoint, one worker per channel.
+    let _ = writeln!(prep, "        if (pt < {t}) {{");
+    let _ = writeln!(prep, "          const int ch = pt, c = c0 + ch;");
+    for n in &model.params {
+        let _ = writeln!(prep, "          const float {} = p_{}[c];", id(n), id(n));
+    }
+    for st in &model.state {
+        let _ = writeln!(prep, "          float {0} = ck_{0}[((long long)b * nck + tl) * C + c];", id(&st.name));
+    }
+    let _ = writeln!(prep, "          for (int j = 0; j < {l}; ++j) {{");
+    let _ = writeln!(prep, "            const int step = s0 + j;\n            if (step >= S) break;");
+    reset(&mut prep, "            ");
+    for (k, st) in model.state.iter().enumerate() {
+        let _ = writeln!(prep, "            sv[{} + j * {t} + ch] = {};", k * l * t, id(&st.name));
+    }
+    load_raw(&mut prep, "            ", "j", "ch");
+    prep.push_str(&forward_step(model, &[]));
+    let _ = writeln!(prep, "          }}\n        }}");
+    let _ = writeln!(prep, "        asm volatile(\"bar.sync 1, {pt};\" ::: \"memory\");");
+    // Every state-adjoint-independent binding, all elements of the tile in parallel.
+    let _ = writeln!(prep, "        for (int e = pt; e < {l} * {t}; e += {pt}) {{");
+    let _ = writeln!(prep, "          const int j = e / {t}, ch = e % {t};\n          if (s0 + j >= S) continue;\n          const int c = c0 + ch;");
+    load_raw(&mut prep, "          ", "j", "ch");
+    let par_vars: std::collections::BTreeSet<String> = split.parallel.iter().flat_map(|(_, e)| e.vars()).collect();
+    for n in model.params.iter().filter(|p| par_vars.contains(*p)) {
+        let _ = writeln!(prep, "          const float {} = p_{}[c];", id(n), id(n));
+    }
+    for (k, st) in model.state.iter().enumerate() {
+        let _ = writeln!(prep, "          const float {} = sv[{} + j * {t} + ch];", id(&st.name), k * l * t);
+    }
+    for (n, e) in &split.parallel {
+        let _ = writeln!(prep, "          const float {} = {};", id(n), expr(e, &|v| id(v)));
+    }
+    for (k, n) in split.staged.iter().enumerate() {
+        let _ = writeln!(prep, "          sg[{} + j * {t} + ch] = {};", k * l * t, id(n));
+    }
+    let _ = writeln!(prep, "        }}\n      }}");
+    let wait_and_sync = format!("      sp_cp_wait<{}>();\n      asm volatile(\"bar.sync 1, {pt};\" ::: \"memory\");\n", ns - 1);
+    let _ = writeln!(s, "  if (!chain) {{");
+    let _ = writeln!(s, "    for (int it = 0; it < {ns}; ++it) {{\n{issue}    }}");
+    let _ = writeln!(s, "{wait_and_sync}    {{\n      const int it = 0;\n{prep}    }}");
+    let _ = writeln!(s, "  }}\n  __syncthreads();");
+    // Chain registers.
+    let _ = writeln!(s, "  const long long col = col0 + (chain ? tid : 0);\n  const int c = c0 + (chain ? tid : 0);");
+    let _ = writeln!(s, "  const long long base = (long long)b * S * C + c;");
+    let chain_vars: std::collections::BTreeSet<String> = split.chain.iter().flat_map(|(_, e)| e.vars()).collect();
+    for n in model.params.iter().filter(|p| chain_vars.contains(*p) && !split.staged.contains(p)) {
+        let _ = writeln!(s, "  const float {} = p_{}[c];", id(n), id(n));
+    }
+    for st in &model.state {
+        let _ = writeln!(s, "  float carry_{0} = chain ? gf_{0}[col] : 0.0f;", id(&st.name));
+    }
+    for n in &model.params {
+        let _ = writeln!(s, "  double acc_{} = 0.0;", id(n));
+    }
+    let _ = writeln!(s, "  for (int it = 0; it < ntiles; ++it) {{");
+    let _ = writeln!(s, "    if (chain) {{");
+    let _ = writeln!(s, "      const int tl = ntiles - 1 - it;");
+    let _ = writeln!(s, "      const float* sg = (const float*)(sp_smem + {st_base} + (it & 1) * {st_stage});");
+    let _ = writeln!(s, "      #pragma unroll\n      for (int j = {}; j >= 0; --j) {{", l - 1);
+    let _ = writeln!(s, "      const int step = tl * {l} + j;\n      if (step >= S) continue;");
+    let _ = writeln!(s, "      const long long at = base + (long long)step * C;");
+    for (k, n) in split.staged.iter().enumerate() {
+        let _ = writeln!(s, "      const float {} = sg[{} + j * {t} + tid];", id(n), k * l * t);
+    }
+    for st in &model.state {
+        let _ = writeln!(s, "      const float {} = carry_{};", id(&state_grad_name(&st.name)), id(&st.name));
+    }
+    for (n, e) in &split.chain {
+        let _ = writeln!(s, "      const float {} = {};", id(n), expr(e, &|v| id(v)));
+    }
+    for (n, g) in model.inputs.iter().zip(&split.step.input_grads) {
+        let _ = writeln!(s, "      sp_st(din_{}, at, {});", id(n), id(g));
+    }
+    for (n, g) in model.params.iter().zip(&split.step.param_grads) {
+        let _ = writeln!(s, "      acc_{} += (double){};", id(n), id(g));
+    }
+    for (st, g) in model.state.iter().zip(&split.step.state_grads) {
+        let cut = if token_scope { "(step % K == 0) ? 0.0f : " } else { "" };
+        let _ = writeln!(s, "      carry_{} = {cut}{};", id(&st.name), id(g));
+    }
+    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "    }} else {{");
+    let _ = writeln!(s, "      {{\n      const int it2 = it + {ns};\n      {{\n      const int it = it2;\n{issue}      }}\n      }}");
+    let _ = writeln!(s, "{wait_and_sync}      {{\n      const int it2 = it + 1;\n      {{\n      const int it = it2;\n{prep}      }}\n      }}");
+    let _ = writeln!(s, "    }}\n    __syncthreads();\n  }}");
+    let _ = writeln!(s, "  if (chain) {{");
+    for st in &model.state {
+        let _ = writeln!(s, "    dinit_{0}[col] = carry_{0};", id(&st.name));
+    }
+    for n in &model.params {
+        let _ = writeln!(s, "    dp_{0}[col] = (float)acc_{0};", id(n));
+    }
+    let _ = writeln!(s, "  }}\n}}");
+    let _ = smem;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sparkc_ir::neuron;
+
+    #[test]
+    fn kernels_are_generated_from_the_model() {
+        let m = neuron::plif();
+        let emit = ["leak".to_string()];
+        let io = ScanIo::f32(&m, &emit);
+        let src = scan_forward_simple("plif_fwd", &m, &emit, false, &io, 16);
+        assert!(src.contains("extern \"C\" __global__ void plif_fwd("));
+        assert!(src.contains(">= "), "{src}");
+        assert!(src.contains("sp_sigmoid(v_w)"), "{src}");
+        let io16 = ScanIo { inputs: vec![Elem::Bf16], outputs: vec![Elem::Bf16] };
+        let tiled = scan_forward_tiled("plif_tiled", &m, &emit, false, &io16, tile_plan(&m, &io16));
+        if std::env::var_os("SHOW_KERNEL").is_some() { eprintln!("{tiled}"); }
+        assert!(tiled.contains("const unsigned short* __restrict__ in_v_x"), "{tiled}");
+        assert!(tiled.contains("sp_cp16("), "{tiled}");
+        let adj = scan_adjoint_chunked("plif_bwd", &m, &emit, true, &[Elem::F32], &[Elem::Bf16], &[Elem::Bf16]).unwrap();
+        assert!(adj.contains("unsigned short* __restrict__ din_v_x"), "{adj}");
+        assert!(adj.contains("step % K == 0"), "{adj}");
+        let sel = neuron::selective_plif();
+        let vp = ["vpost".to_string()];
+        let tiled_adj = scan_adjoint_tiled("sel_bwd", &sel, &vp, false, &[Elem::Bf16; 3], &[Elem::Bf16], &[Elem::Bf16; 3]).unwrap();
+        if std::env::var_os("SHOW_KERNEL").is_some() {
+            eprintln!("{tiled_adj}\n{:?}", split_adjoint(&sel, &vp).unwrap());
+        }
+        assert!(tiled_adj.contains("carry_v_v = "), "{tiled_adj}");
+    }
+
+    #[test]
+    fn the_modulation_prologue_leaves_the_chain() {
+        // Fused selective PLIF: σ, softplus and |·| of the inputs are state-independent.
+        let m = neuron::plif();
+        let split = split_step(&m);
+        // PLIF: β = σ(w) is a per-channel constant; only the input is staged.
+        assert_eq!(split.constant.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(), ["beta"]);
+        assert!(split.prologue.is_empty() && split.staged == ["x"], "{split:?}");
+        let io = ScanIo::f32(&m, &["leak".to_string()]);
+        assert!(can_tile(&m, 256, &io) && !can_tile(&m, 200, &io));
+    }
+}
