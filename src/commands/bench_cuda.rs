@@ -70,7 +70,7 @@ pub fn run(a: &Args) -> Result<()> {
         let session = Session::new(GpuProgram::compile_with(Gpu::new(0)?, &fused_graph, precision)?, params.clone());
         model_timings(a, &cfg, session, precision, &mut json)?;
     }
-    println!("\ntraining at this size on the CUDA backend: not yet (no activation recompute, host-side optimizer); `sparkc train --backend cuda` runs smaller models");
+    training_step(a, &cfg, &params, &mut json)?;
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&serde_json::Value::Object(json))?)?;
         println!("wrote {}", path.display());
@@ -139,4 +139,54 @@ fn fused_selective_model(g: &sparkc_ir::Graph) -> Result<sparkc_ir::neuron::Neur
         }
     }
     None.context("the fused graph has no SNNBlock hidden-neuron scan")
+}
+
+/// One training step's forward and backward on the device at B=2, T=--tokens (bf16 GEMMs and
+/// activations, fused scans, fp32 gradients left on the device), and the pool's peak memory.
+/// The optimizer is not in it (it runs on the host today), nor is any activation recompute.
+fn training_step(a: &Args, cfg: &sparkc_frontend::NeuronSparkConfig, params: &BTreeMap<String, Tensor>, json: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let (b, t) = (2usize, a.tokens);
+    let built = build_graph(cfg, &GraphOptions { with_loss: true, ..Default::default() })?;
+    let graph = sparkc_passes::autodiff::differentiate(&crate::backend::prepare("cuda", built)?, "total_loss", &[])?;
+    let gpu = Gpu::new(0)?;
+    let mut prog = GpuProgram::compile_with(gpu, &graph, Precision::Bf16)?;
+    prog.set_params(params)?;
+    let ids = |seed: usize| Tensor::i64(vec![b, t], (0..b * t).map(|i| ((i + seed) * 7919 % cfg.vocab_size) as i64).collect());
+    let mut inputs: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (_, name, ty) in graph.inputs() {
+        if name.starts_with("state.") {
+            let c = ty.shape.dims()[1].as_const().unwrap_or(0) as usize;
+            inputs.insert(name.to_string(), Tensor::zeros(vec![b, c]));
+        }
+    }
+    inputs.insert("input_ids".into(), ids(0));
+    inputs.insert("target_ids".into(), ids(1));
+    inputs.insert("loss_mask".into(), Tensor::f32(vec![b, t], vec![1.0; b * t]));
+    println!("\ntraining step (forward + backward, bf16, fused scans), B={b} T={t}, optimizer not included");
+    match prog.run_keeping(&inputs, &["total_loss"]) {
+        Ok(_) => {}
+        Err(e) => {
+            println!("  does not run yet: {e}");
+            json.insert("training_error".into(), e.to_string().into());
+            return Ok(());
+        }
+    }
+    prog.gpu.reset_peak_memory()?;
+    let mut times = Vec::new();
+    let mut loss = 0.0;
+    for _ in 0..a.iters.max(1) {
+        let s = Instant::now();
+        let out = prog.run_keeping(&inputs, &["total_loss"])?;
+        times.push(s.elapsed().as_secs_f64());
+        loss = out["total_loss"].to_f32_vec()[0];
+    }
+    times.sort_by(f64::total_cmp);
+    let secs = times[times.len() / 2];
+    let peak = prog.gpu.peak_memory()? as f64 / 1e9;
+    let tps = (b * t) as f64 / secs;
+    println!("  {:.1} ms/step, {tps:.0} tokens/s, peak pool memory {peak:.1} GB (loss {loss:.3})", secs * 1e3);
+    json.insert("training_step_ms".into(), (secs * 1e3).into());
+    json.insert("training_tokens_per_s".into(), tps.into());
+    json.insert("training_peak_gb".into(), peak.into());
+    Ok(())
 }

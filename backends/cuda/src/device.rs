@@ -95,7 +95,45 @@ fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<(), CudaError> {
     Ok(())
 }
 
+fn default_pool(ctx: &Arc<CudaContext>) -> Result<cudarc::driver::sys::CUmemoryPool, CudaError> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a plain driver query with a valid out-pointer.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(CudaError::Driver(format!("cuDeviceGetDefaultMemPool: {r:?}")));
+    }
+    Ok(pool)
+}
+
 impl Gpu {
+    /// The most device memory the allocation pool has held since the last
+    /// [`Gpu::reset_peak_memory`] (activations and temporaries; parameters too, as they come
+    /// from the same pool).
+    pub fn peak_memory(&self) -> Result<u64, CudaError> {
+        use cudarc::driver::sys;
+        let pool = default_pool(&self.ctx)?;
+        let mut v: u64 = 0;
+        // SAFETY: the attribute is a u64 written through a valid pointer.
+        let r = unsafe { sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut v) as *mut u64 as *mut _) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(CudaError::Driver(format!("cuMemPoolGetAttribute: {r:?}")));
+        }
+        Ok(v)
+    }
+
+    pub fn reset_peak_memory(&self) -> Result<(), CudaError> {
+        use cudarc::driver::sys;
+        let pool = default_pool(&self.ctx)?;
+        let mut zero: u64 = 0;
+        // SAFETY: resetting the high-water mark takes a u64 zero through a valid pointer.
+        let r = unsafe { sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut zero) as *mut u64 as *mut _) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(CudaError::Driver(format!("cuMemPoolSetAttribute: {r:?}")));
+        }
+        Ok(())
+    }
+
     pub fn new(ordinal: usize) -> Result<Gpu, CudaError> {
         if let Some(why) = unavailable_reason() {
             return Err(CudaError::Unavailable(why));

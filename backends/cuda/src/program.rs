@@ -481,6 +481,26 @@ impl GpuProgram {
         Ok(out)
     }
 
+    /// Run and download only the named outputs; the rest (e.g. gradients an optimizer on the
+    /// device would read) are produced on the device and dropped. For timing training steps.
+    pub fn run_keeping(&self, inputs: &BTreeMap<String, Tensor>, download: &[&str]) -> Result<BTreeMap<String, Tensor>, CudaError> {
+        let env = self.bind(inputs, &HashSet::new())?;
+        let mut fed: HashMap<NodeIndex, Slot> = HashMap::new();
+        for (n, name, ty) in self.graph.inputs() {
+            let t = self.host_input(n, name, ty.dtype, inputs)?;
+            fed.insert(n, Slot::Owned(self.upload(&t)?));
+        }
+        let mut out = BTreeMap::new();
+        self.walk(&env, fed, &mut |name, t| {
+            if download.contains(&name) {
+                out.insert(name.to_string(), self.download(t)?);
+            }
+            Ok(())
+        })?;
+        drv!(self.gpu.stream.synchronize());
+        Ok(out)
+    }
+
     /// Dimension bindings from the host inputs (and the kept state, whose names are `kept`).
     fn bind(&self, inputs: &BTreeMap<String, Tensor>, kept: &HashSet<String>) -> Result<DimBindings, CudaError> {
         let batch = self.resident.as_ref().map(|r| r.batch);

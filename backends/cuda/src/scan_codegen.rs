@@ -42,9 +42,9 @@ pub fn checkpoints(s: usize) -> usize {
     s.div_ceil(CHECKPOINT_EVERY)
 }
 
-/// Threads per block of the tiled forward: 4 chain warps (one thread per channel) and 12
+/// Threads per block of the tiled scans: 4 chain warps (one thread per channel) and 28
 /// prologue warps.
-pub const TILE_BLOCK: usize = 512;
+pub const TILE_BLOCK: usize = 1024;
 const PROLOGUE_THREADS: usize = TILE_BLOCK - TILE_THREADS;
 /// Steps per tile of the tiled forward.
 const TILE_STEPS: usize = 16;
@@ -227,7 +227,7 @@ pub fn scan_forward_simple(name: &str, model: &NeuronModel, emit: &[String], tok
 }
 
 /// The forward scan for widths that are multiples of 128, warp-specialised: a block owns 128
-/// adjacent channels of one batch row. Its 12 prologue warps bring tiles of 16 steps × 128
+/// adjacent channels of one batch row. Its 28 prologue warps bring tiles of 16 steps × 128
 /// channels in by 16-byte `cp.async` copies (three tiles in flight) and compute the
 /// state-independent part of the step for the next tile, while its 4 chain warps (one thread
 /// per channel) run the sequential part of the current one from shared memory. With only B·C
