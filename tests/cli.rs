@@ -269,3 +269,17 @@ fn bad_inputs_fail_with_a_message_and_no_panic() {
     let r = sparkc(&["generate", "--config", "tiny", "--init-seed", "0", "--prompt-tensor", &format!("{io}:nope"), "--max-new-tokens", "2"]);
     assert_failed_cleanly(&r, "nope");
 }
+
+/// The README's main job, shortened: train, inspect and generate run end to end and leave a
+/// checkpoint, a loss curve and text behind (wiring between the commands, not quality).
+#[test]
+fn demo_runs_end_to_end_in_a_few_steps() {
+    let dir = tmp("demo");
+    let out = sparkc(&["demo", "--steps", "3", "-o", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("== 3. generate"), "{stdout}");
+    for f in ["config.json", "model.safetensors", "loss.png"] {
+        assert!(dir.join(f).exists(), "demo did not write {f}");
+    }
+}

@@ -43,13 +43,14 @@ pub fn fold_centering(graph: &Graph, params: &mut BTreeMap<String, Tensor>) -> R
         replace(1, &mut g, params, &|w: &Tensor| {
             let (o, i) = (w.shape[0], w.shape[1]);
             let d = w.as_f32().unwrap_or_default();
-            let mut out = d.to_vec();
-            for col in 0..i {
-                let mean = (0..o).map(|r| d[r * i + col] as f64).sum::<f64>() / o as f64;
-                for r in 0..o {
-                    out[r * i + col] = (d[r * i + col] as f64 - mean) as f32;
-                }
+            // Column means accumulated row by row (in row order, as before), so the matrix is
+            // read contiguously.
+            let mut mean = vec![0f64; i];
+            for row in d.chunks_exact(i.max(1)) {
+                mean.iter_mut().zip(row).for_each(|(m, &x)| *m += x as f64);
             }
+            mean.iter_mut().for_each(|m| *m /= o as f64);
+            let out: Vec<f32> = d.chunks_exact(i.max(1)).flat_map(|row| row.iter().zip(&mean).map(|(&x, m)| (x as f64 - m) as f32)).collect();
             Tensor::f32(w.shape.clone(), out)
         })?;
         if bias {

@@ -24,6 +24,7 @@ pub fn run(a: Args) -> Result<()> {
         seed: Some(a.seed),
         synthetic_chars: 400_000,
         backend: "cpu".into(),
+        precision: "f32".into(),
         ..Default::default()
     })?;
     let config = a.out.join("config.json").display().to_string();

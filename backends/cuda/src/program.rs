@@ -712,6 +712,21 @@ impl GpuProgram {
         Ok(())
     }
 
+    /// The launch of a forward or reverse scan over B·C columns: tiled (a 1024-thread block
+    /// per 128 channels) or one thread per column.
+    fn scan_launch(&self, n: NodeIndex, bsz: usize, c: usize) -> Result<LaunchConfig, CudaError> {
+        let cols = bsz * c;
+        Ok(match self.tiled.get(&n) {
+            Some(plan) if c % scan_codegen::TILE_THREADS == 0 => LaunchConfig {
+                grid_dim: ((cols / scan_codegen::TILE_THREADS).max(1) as u32, 1, 1),
+                block_dim: (scan_codegen::TILE_BLOCK as u32, 1, 1),
+                shared_mem_bytes: plan.smem_bytes as u32,
+            },
+            Some(_) => return Err(CudaError::Input(format!("`{}`: the tiled scan needs a multiple of 128 channels, got {c}", self.graph.node(n).name))),
+            None => LaunchConfig { grid_dim: (cols.div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
+        })
+    }
+
     fn f(&self, name: &str) -> &CudaFunction {
         &self.kernels[name]
     }
@@ -860,16 +875,7 @@ impl GpuProgram {
                 b.arg(&si);
                 b.arg(&ki);
                 b.arg(&ci);
-                let cols = bsz * c;
-                let cfg = match self.tiled.get(&n) {
-                    Some(plan) if c % scan_codegen::TILE_THREADS == 0 => LaunchConfig {
-                        grid_dim: ((cols / scan_codegen::TILE_THREADS).max(1) as u32, 1, 1),
-                        block_dim: (scan_codegen::TILE_BLOCK as u32, 1, 1),
-                        shared_mem_bytes: plan.smem_bytes as u32,
-                    },
-                    Some(_) => return Err(bad("the tiled scan needs a multiple of 128 channels")),
-                    None => LaunchConfig { grid_dim: (cols.div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
-                };
+                let cfg = self.scan_launch(n, bsz, c)?;
                 // SAFETY: the generated kernel's parameters are exactly these buffers and sizes.
                 unsafe { drv!(b.launch(cfg)) };
                 drop(b);
@@ -1049,15 +1055,7 @@ impl GpuProgram {
                 b.arg(&si);
                 b.arg(&ki);
                 b.arg(&ci);
-                let cfg = match self.tiled.get(&n) {
-                    Some(plan) if c % scan_codegen::TILE_THREADS == 0 => LaunchConfig {
-                        grid_dim: ((cols / scan_codegen::TILE_THREADS).max(1) as u32, 1, 1),
-                        block_dim: (scan_codegen::TILE_BLOCK as u32, 1, 1),
-                        shared_mem_bytes: plan.smem_bytes as u32,
-                    },
-                    Some(_) => return Err(bad("the tiled reverse scan needs a multiple of 128 channels")),
-                    None => LaunchConfig { grid_dim: (cols.div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
-                };
+                let cfg = self.scan_launch(n, bsz, c)?;
                 // SAFETY: the generated kernel's parameters are exactly these buffers and sizes.
                 unsafe { drv!(b.launch(cfg)) };
                 drop(b);

@@ -186,6 +186,82 @@ fn epilogue(model: &NeuronModel) -> String {
     s
 }
 
+/// Statements that restart the state at a token boundary (state scope `token`).
+fn token_reset(model: &NeuronModel, token_scope: bool, indent: &str) -> String {
+    let mut s = String::new();
+    if token_scope {
+        for st in &model.state {
+            let _ = writeln!(s, "{indent}if (step % K == 0) {} = {};", ident(&st.name), constant(st.init));
+        }
+    }
+    s
+}
+
+/// The forward over every step, writing only the checkpoints (for a reverse scan whose forward
+/// did not keep them). Expects `col`, `c`, `b`, `base`, `nck` and the params in scope.
+fn checkpoint_pass(model: &NeuronModel, token_scope: bool) -> String {
+    let ck = CHECKPOINT_EVERY;
+    let mut s = String::new();
+    for st in &model.state {
+        let _ = writeln!(s, "    float {} = init_{}[col];", ident(&st.name), ident(&st.name));
+    }
+    let _ = writeln!(s, "    for (int step = 0; step < S; ++step) {{");
+    let _ = writeln!(s, "      if (step % {ck} == 0) {{");
+    for st in &model.state {
+        let _ = writeln!(s, "        ck_{0}[((long long)b * nck + step / {ck}) * C + c] = {0};", ident(&st.name));
+    }
+    let _ = writeln!(s, "      }}");
+    s.push_str(&token_reset(model, token_scope, "      "));
+    for n in &model.inputs {
+        let _ = writeln!(s, "      const float {0} = sp_ld(in_{0}, base + (long long)step * C);", ident(n));
+    }
+    s.push_str(&forward_step(model, &[]));
+    let _ = writeln!(s, "    }}");
+    s
+}
+
+/// A tensor streamed into shared memory by the tiled kernels: its pointer parameter, its
+/// row bytes (128 channels) and its offset inside a stage.
+struct Streamed {
+    ptr: String,
+    row_bytes: usize,
+    offset: usize,
+}
+
+/// Lay out per-step tensors of the given storage (and pointer names) in one stage of `l` rows.
+fn stream_layout(tensors: &[(String, Elem)], l: usize) -> (Vec<Streamed>, usize) {
+    let mut off = 0;
+    let mut out = Vec::new();
+    for (ptr, e) in tensors {
+        let row_bytes = e.bytes() * TILE_THREADS;
+        out.push(Streamed { ptr: ptr.clone(), row_bytes, offset: off });
+        off += row_bytes * l;
+    }
+    (out, off)
+}
+
+/// The prologue threads' `cp.async` copies of one tile into its stage. `iter` is the C
+/// variable that counts tiles in the order they are consumed (its stage is `iter % stages`),
+/// `prelude` statements may define `tile`, the C expression of the tile's index in time. An
+/// empty group past the end keeps the wait counts uniform.
+fn issue_copies(streamed: &[Streamed], iter: &str, prelude: &str, tile: &str, stages: usize, l: usize, stage_bytes: usize) -> String {
+    let pt = PROLOGUE_THREADS;
+    let mut s = String::new();
+    let _ = writeln!(s, "      if ({iter} < ntiles) {{");
+    s.push_str(prelude);
+    let _ = writeln!(s, "        unsigned char* stg = sp_smem + ({iter} % {stages}) * {stage_bytes};");
+    let _ = writeln!(s, "        const int s0 = {tile} * {l};");
+    for x in streamed {
+        let chunks = x.row_bytes / 16;
+        let _ = writeln!(s, "        for (int q = pt; q < {l} * {chunks}; q += {pt}) {{");
+        let _ = writeln!(s, "          const int r = q / {chunks}, ch = q % {chunks};");
+        let _ = writeln!(s, "          if (s0 + r < S) sp_cp16(stg + {} + r * {} + ch * 16, (const unsigned char*)({} + tile_base + (long long)(s0 + r) * C) + ch * 16);", x.offset, x.row_bytes, x.ptr);
+        let _ = writeln!(s, "        }}");
+    }
+    let _ = writeln!(s, "      }}\n      sp_cp_commit();");
+    s
+}
+
 /// Steps per unrolled group of the simple kernel: the loads of a group are issued before its
 /// sequential math. Measured on an H100 (docs/cuda-notes.md): 16 is best with three per-step
 /// inputs, 32 with one.
@@ -237,14 +313,8 @@ pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let (l, ns, t, pt) = (plan.steps, plan.stages, TILE_THREADS, PROLOGUE_THREADS);
     let split = split_step(model);
     let given: std::collections::BTreeSet<String> = split.constant.iter().chain(&split.prologue).map(|b| b.name.clone()).collect();
-    let row_bytes: Vec<usize> = io.inputs.iter().map(|e| e.bytes() * t).collect();
-    let raw_stage: usize = row_bytes.iter().sum::<usize>() * l;
-    let mut offsets = Vec::new();
-    let mut off = 0;
-    for rb in &row_bytes {
-        offsets.push(off);
-        off += rb * l;
-    }
+    let inputs: Vec<(String, Elem)> = model.inputs.iter().map(|n| format!("in_{}", ident(n))).zip(io.inputs.iter().copied()).collect();
+    let (streamed, raw_stage) = stream_layout(&inputs, l);
     let pro_base = ns * raw_stage;
     let pro_stage = split.staged.len() * l * t * 4;
     let mut s = signature(name, model, io, false).replacen("__global__ void ", &format!("__global__ void __launch_bounds__({TILE_BLOCK}) "), 1);
@@ -257,19 +327,7 @@ pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(s, "  const int b = (int)(col0 / C), c0 = (int)(col0 % C);");
     let _ = writeln!(s, "  const long long tile_base = (long long)b * S * C + c0;");
     let _ = writeln!(s, "  const int ntiles = (S + {l} - 1) / {l};");
-    // Copies of tile `tt` (prologue threads); an empty group past the end keeps counts uniform.
-    let mut issue = String::new();
-    let _ = writeln!(issue, "      if (tt < ntiles) {{");
-    let _ = writeln!(issue, "        unsigned char* stg = sp_smem + (tt % {ns}) * {raw_stage};");
-    let _ = writeln!(issue, "        const int s0 = tt * {l};");
-    for (i, n) in model.inputs.iter().enumerate() {
-        let chunks = row_bytes[i] / 16;
-        let _ = writeln!(issue, "        for (int q = pt; q < {l} * {chunks}; q += {pt}) {{");
-        let _ = writeln!(issue, "          const int r = q / {chunks}, ch = q % {chunks};");
-        let _ = writeln!(issue, "          if (s0 + r < S) sp_cp16(stg + {} + r * {} + ch * 16, (const unsigned char*)(in_{} + tile_base + (long long)(s0 + r) * C) + ch * 16);", offsets[i], row_bytes[i], ident(n));
-        let _ = writeln!(issue, "        }}");
-    }
-    let _ = writeln!(issue, "      }}\n      sp_cp_commit();");
+    let issue = issue_copies(&streamed, "tt", "", "tt", ns, l, raw_stage);
     // The prologue of tile `tt`: every (step, channel) of the tile in parallel.
     let mut pro = String::new();
     let _ = writeln!(pro, "      {{");
@@ -279,8 +337,8 @@ pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(pro, "          const int j = e / {t}, ch = e % {t};");
     let _ = writeln!(pro, "          if (tt * {l} + j >= S) continue;");
     let _ = writeln!(pro, "          const int c = c0 + ch;");
-    for (i, (n, e)) in model.inputs.iter().zip(&io.inputs).enumerate() {
-        let _ = writeln!(pro, "          const float {0} = sp_ld((const {1}*)(stg + {2} + j * {3}), ch);", ident(n), e.c_type(), offsets[i], row_bytes[i]);
+    for ((n, e), x) in model.inputs.iter().zip(&io.inputs).zip(&streamed) {
+        let _ = writeln!(pro, "          const float {0} = sp_ld((const {1}*)(stg + {2} + j * {3}), ch);", ident(n), e.c_type(), x.offset, x.row_bytes);
     }
     let pro_vars: std::collections::BTreeSet<String> = split.prologue.iter().chain(&split.constant).flat_map(|b| b.expr.vars()).collect();
     for n in model.params.iter().filter(|p| pro_vars.contains(*p)) {
@@ -394,30 +452,11 @@ pub fn scan_adjoint_chunked(name: &str, model: &NeuronModel, emit: &[String], to
     for n in &model.params {
         let _ = writeln!(s, "  const float {} = p_{}[c];", id(n), id(n));
     }
-    let reset = |s: &mut String, indent: &str| {
-        if token_scope {
-            for st in &model.state {
-                let _ = writeln!(s, "{indent}if (step % K == 0) {} = {};", id(&st.name), constant(st.init));
-            }
-        }
-    };
+    let reset = |s: &mut String, indent: &str| s.push_str(&token_reset(model, token_scope, indent));
     // 1. Checkpoints, when the forward did not keep them.
     let _ = writeln!(s, "  if (!have_ck) {{");
-    for st in &model.state {
-        let _ = writeln!(s, "    float {} = init_{}[col];", id(&st.name), id(&st.name));
-    }
-    let _ = writeln!(s, "    for (int step = 0; step < S; ++step) {{");
-    let _ = writeln!(s, "      if (step % {ck} == 0) {{");
-    for st in &model.state {
-        let _ = writeln!(s, "        ck_{0}[((long long)b * nck + step / {ck}) * C + c] = {0};", id(&st.name));
-    }
-    let _ = writeln!(s, "      }}");
-    reset(&mut s, "      ");
-    for n in &model.inputs {
-        let _ = writeln!(s, "      const float {0} = sp_ld(in_{0}, base + (long long)step * C);", id(n));
-    }
-    s.push_str(&forward_step(model, &[]));
-    let _ = writeln!(s, "    }}\n  }}");
+    s.push_str(&checkpoint_pass(model, token_scope));
+    let _ = writeln!(s, "  }}");
     // 2. Reverse, chunk by chunk.
     for st in &model.state {
         let _ = writeln!(s, "  float carry_{0} = gf_{0}[col];", id(&st.name));
@@ -569,14 +608,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let mut raw: Vec<(String, Elem)> = model.inputs.iter().map(|n| format!("in_{}", id(n))).zip(inputs.iter().copied()).collect();
     raw.extend((0..emit.len()).map(|k| format!("g_{k}")).zip(out_grads.iter().copied()));
     let raw_names: Vec<String> = model.inputs.iter().map(|n| id(n)).chain(emit.iter().map(|o| id(&output_grad_name(o)))).collect();
-    let row_bytes: Vec<usize> = raw.iter().map(|(_, e)| e.bytes() * t).collect();
-    let raw_stage: usize = row_bytes.iter().sum::<usize>() * l;
-    let mut offsets = Vec::new();
-    let mut off = 0;
-    for rb in &row_bytes {
-        offsets.push(off);
-        off += rb * l;
-    }
+    let (streamed, raw_stage) = stream_layout(&raw, l);
     let sv_base = ns * raw_stage;
     let st_base = sv_base + model.state.len() * l * t * 4;
     let st_stage = split.staged.len() * l * t * 4;
@@ -590,51 +622,20 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(s, "  const int b = (int)(col0 / C), c0 = (int)(col0 % C);");
     let _ = writeln!(s, "  const long long tile_base = (long long)b * S * C + c0;");
     let _ = writeln!(s, "  const int ntiles = (S + {l} - 1) / {l};\n  const int nck = ntiles;");
-    let reset = |s: &mut String, indent: &str| {
-        if token_scope {
-            for st in &model.state {
-                let _ = writeln!(s, "{indent}if (step % K == 0) {} = {};", id(&st.name), constant(st.init));
-            }
-        }
-    };
+    let reset = |s: &mut String, indent: &str| s.push_str(&token_reset(model, token_scope, indent));
     // Checkpoints, when the forward did not keep them: the chain threads run the forward.
     let _ = writeln!(s, "  if (!have_ck && chain) {{");
     let _ = writeln!(s, "    const long long col = col0 + tid;\n    const int c = c0 + tid;\n    const long long base = (long long)b * S * C + c;");
     for n in &model.params {
         let _ = writeln!(s, "    const float {} = p_{}[c];", id(n), id(n));
     }
-    for st in &model.state {
-        let _ = writeln!(s, "    float {} = init_{}[col];", id(&st.name), id(&st.name));
-    }
-    let _ = writeln!(s, "    for (int step = 0; step < S; ++step) {{");
-    let _ = writeln!(s, "      if (step % {l} == 0) {{");
-    for st in &model.state {
-        let _ = writeln!(s, "        ck_{0}[((long long)b * nck + step / {l}) * C + c] = {0};", id(&st.name));
-    }
-    let _ = writeln!(s, "      }}");
-    reset(&mut s, "      ");
-    for n in &model.inputs {
-        let _ = writeln!(s, "      const float {0} = sp_ld(in_{0}, base + (long long)step * C);", id(n));
-    }
-    s.push_str(&forward_step(model, &[]));
-    let _ = writeln!(s, "    }}\n  }}\n  __syncthreads();");
+    s.push_str(&checkpoint_pass(model, token_scope));
+    let _ = writeln!(s, "  }}\n  __syncthreads();");
     // Worker pieces: copies of iteration `it`'s tile, then its recompute and parallel part.
-    let mut issue = String::new();
-    let _ = writeln!(issue, "      if (it < ntiles) {{");
-    let _ = writeln!(issue, "        const int tl = ntiles - 1 - it;");
-    let _ = writeln!(issue, "        unsigned char* stg = sp_smem + (it % {ns}) * {raw_stage};");
-    let _ = writeln!(issue, "        const int s0 = tl * {l};");
-    for (i, (ptr, _)) in raw.iter().enumerate() {
-        let chunks = row_bytes[i] / 16;
-        let _ = writeln!(issue, "        for (int q = pt; q < {l} * {chunks}; q += {pt}) {{");
-        let _ = writeln!(issue, "          const int r = q / {chunks}, ch = q % {chunks};");
-        let _ = writeln!(issue, "          if (s0 + r < S) sp_cp16(stg + {} + r * {} + ch * 16, (const unsigned char*)({ptr} + tile_base + (long long)(s0 + r) * C) + ch * 16);", offsets[i], row_bytes[i]);
-        let _ = writeln!(issue, "        }}");
-    }
-    let _ = writeln!(issue, "      }}\n      sp_cp_commit();");
+    let issue = issue_copies(&streamed, "it", "        const int tl = ntiles - 1 - it;\n", "tl", ns, l, raw_stage);
     let load_raw = |s: &mut String, indent: &str, j: &str, ch: &str| {
-        for (i, (name, (_, e))) in raw_names.iter().zip(&raw).enumerate() {
-            let _ = writeln!(s, "{indent}const float {name} = sp_ld((const {}*)(stg + {} + ({j}) * {}), {ch});", e.c_type(), offsets[i], row_bytes[i]);
+        for (name, ((_, e), x)) in raw_names.iter().zip(raw.iter().zip(&streamed)) {
+            let _ = writeln!(s, "{indent}const float {name} = sp_ld((const {}*)(stg + {} + ({j}) * {}), {ch});", e.c_type(), x.offset, x.row_bytes);
         }
     };
     let mut prep = String::new();
@@ -784,3 +785,4 @@ mod tests {
         assert!(can_tile(&m, 256, &io) && !can_tile(&m, 200, &io));
     }
 }
+

@@ -92,7 +92,7 @@ pub fn calibrate(graph: &Graph, params: &BTreeMap<String, Tensor>, inputs: &BTre
     let probe = quantize::probe_graph(graph)?;
     let prog = CpuProgram::compile(&probe)?;
     let out = prog.run(&complete_inputs(graph, inputs)?, params)?;
-    Ok(quantize::calibrate(graph, &out)?)
+    Ok(quantize::calibrate(graph, out)?)
 }
 
 /// Lower, legalize, place and route an already quantized graph.
