@@ -758,7 +758,11 @@ mod tests {
         assert!(src.contains("sp_sigmoid(v_w)"), "{src}");
         let io16 = ScanIo { inputs: vec![Elem::Bf16], outputs: vec![Elem::Bf16] };
         let tiled = scan_forward_tiled("plif_tiled", &m, &emit, false, &io16, tile_plan(&m, &io16));
-        if std::env::var_os("SHOW_KERNEL").is_some() { eprintln!("{tiled}"); }
+        // `SHOW_KERNEL=1 cargo test -p sparkc-backend-cuda --lib -- --nocapture` prints the
+        // generated kernels, for reading them.
+        if std::env::var_os("SHOW_KERNEL").is_some() {
+            eprintln!("{tiled}");
+        }
         assert!(tiled.contains("const unsigned short* __restrict__ in_v_x"), "{tiled}");
         assert!(tiled.contains("sp_cp16("), "{tiled}");
         let adj = scan_adjoint_chunked("plif_bwd", &m, &emit, true, &[Elem::F32], &[Elem::Bf16], &[Elem::Bf16]).unwrap();
@@ -771,6 +775,11 @@ mod tests {
             eprintln!("{tiled_adj}\n{:?}", split_adjoint(&sel, &vp).unwrap());
         }
         assert!(tiled_adj.contains("carry_v_v = "), "{tiled_adj}");
+        // Selective PLIF with a detached reset: the chain needs only β, the previous state, the
+        // spike and the output gradient; the recomputed step and the surrogate are parallel.
+        let split = split_adjoint(&sel, &vp).unwrap();
+        assert_eq!(split.staged, ["beta", "v", "f2", "d_f4"], "{split:?}");
+        assert!(split.chain.iter().all(|(_, e)| !e.vars().contains("f0")), "{split:?}");
     }
 
     #[test]
