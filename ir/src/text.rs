@@ -61,7 +61,10 @@ pub fn print(graph: &Graph) -> Result<String, IrError> {
     let mut names: HashMap<Value, String> = HashMap::new();
     let mut next = 0usize;
     let mut out = String::new();
-    writeln!(out, "graph {} {{", graph.name).expect("write to String");
+    // A name that is not an identifier is quoted, so that the text parses back.
+    let is_ident = !graph.name.is_empty() && graph.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    let name = if is_ident { graph.name.clone() } else { quote(&graph.name) };
+    writeln!(out, "graph {name} {{").expect("write to String");
     for (sym, size) in &graph.dims {
         writeln!(out, "  dim {sym} = {size}").expect("write to String");
     }
@@ -300,7 +303,8 @@ pub fn parse(src: &str) -> Result<Graph, IrError> {
     let (first_no, first) = lines.next().ok_or(IrError::Parse { line: 1, msg: "empty input".into() })?;
     let mut c = Cursor { s: first, pos: 0, line: first_no };
     c.expect("graph")?;
-    let name = c.ident()?;
+    c.ws();
+    let name = if c.rest().starts_with('"') { c.string()? } else { c.ident()? };
     c.expect("{")?;
     if !c.at_end() {
         return c.err("unexpected text after `{`");

@@ -97,9 +97,13 @@ impl From<usize> for Dim {
     }
 }
 
+/// A number is a constant dimension ("64"); anything else names a symbol ("B").
 impl From<&str> for Dim {
     fn from(s: &str) -> Dim {
-        Dim::Sym(s.to_string())
+        match s.parse::<u64>() {
+            Ok(n) => Dim::Const(n),
+            Err(_) => Dim::Sym(s.to_string()),
+        }
     }
 }
 

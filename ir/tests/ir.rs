@@ -1300,3 +1300,18 @@ fn snapshot_neuronspark_tiny_with_loss() {
     assert_eq!(text::print(&text::parse(&t).unwrap()).unwrap(), t);
     insta::assert_snapshot!("neuronspark_tiny_with_loss", t);
 }
+
+/// Found by the round-trip tests last session: a numeric string is a constant dimension, and a
+/// graph whose name is not an identifier prints text that parses back to the same name.
+#[test]
+fn numeric_dims_are_constants_and_any_graph_name_round_trips() {
+    use sparkc_ir::types::Dim;
+    assert_eq!(Dim::from("64"), Dim::Const(64));
+    assert_eq!(Dim::from("B"), Dim::Sym("B".into()));
+    for name in ["plain", "with space", "quote\"and\\slash", "layer-1/ffn", ""] {
+        let g = sparkc_ir::Graph::new(name);
+        let text = sparkc_ir::text::print(&g).unwrap();
+        let back = sparkc_ir::text::parse(&text).unwrap_or_else(|e| panic!("`{name}`: {e}\n{text}"));
+        assert_eq!(back.name, name, "{text}");
+    }
+}
