@@ -222,6 +222,11 @@ fn inspect_reports_the_09b_parameter_count() {
     let r = sparkc(&["inspect", "--config", "tiny", "--emit", "ir"]);
     let text = String::from_utf8_lossy(&r.stdout);
     assert!(text.contains("neuron plif {") && text.contains("scan{neuron=selective_plif"), "{text}");
+    // What the CUDA backend runs: the modulation maps folded into the hidden neurons' scans.
+    let r = sparkc(&["inspect", "--config", "tiny", "--emit", "fused-ir"]);
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(text.contains("6 prologue maps") && text.contains("scan{neuron=selective_plif_fused_0"), "{text}");
+    assert!(!text.contains("map{f=`sigmoid(x0 + x1)`}"), "{text}");
 }
 
 #[test]

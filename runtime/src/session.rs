@@ -138,8 +138,8 @@ impl<E: Executor> Session<E> {
         &self.state
     }
 
-    /// Run on `inputs` continuing from the carried state, then keep the new state.
-    /// The outputs include the new state values too.
+    /// Run on `inputs` continuing from the carried state, then keep the new state. The
+    /// outputs include the new state values too, unless the executor keeps them (on the GPU).
     pub fn step(&mut self, mut inputs: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         if let Some(batch) = self.pending.take() {
             if self.exec.start_sequences(batch)? {

@@ -20,7 +20,8 @@ pub struct Args {
     /// A checkpoint to check against the config (every key and shape).
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// Print the IR (`ir`) after the summary.
+    /// Print the IR after the summary: `ir` as built, `fused-ir` as the CUDA backend runs it
+    /// (modulation prologues and output epilogues folded into the neuron scans).
     #[arg(long)]
     pub emit: Option<String>,
     /// Override the config's boundary activation (leak or vpost).
@@ -61,7 +62,11 @@ pub fn run(a: Args) -> Result<()> {
     match a.emit.as_deref() {
         None => {}
         Some("ir") => print!("\n{}", sparkc_ir::text::print(&graph)?),
-        Some(other) => bail!("--emit takes `ir`, got `{other}`"),
+        Some("fused-ir") => {
+            let (fused, report) = sparkc_passes::scan_fusion::fuse_scans(&graph)?;
+            print!("\n{report}\n\n{}", sparkc_ir::text::print(&fused)?);
+        }
+        Some(other) => bail!("--emit takes `ir` or `fused-ir`, got `{other}`"),
     }
     Ok(())
 }
