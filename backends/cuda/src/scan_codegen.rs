@@ -599,7 +599,7 @@ pub fn adjoint_tile_bytes(model: &NeuronModel, emit: &[String], inputs: &[Elem],
 /// threads first run the forward to make them).
 pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool, inputs: &[Elem], out_grads: &[Elem], in_grads: &[Elem]) -> Result<String, String> {
     let per_column = scan_adjoint_chunked(name, model, emit, token_scope, inputs, out_grads, in_grads)?;
-    let smem = adjoint_tile_bytes(model, emit, inputs, out_grads).ok_or("the tiled reverse scan does not fit in shared memory")?;
+    adjoint_tile_bytes(model, emit, inputs, out_grads).ok_or("the tiled reverse scan does not fit in shared memory")?;
     let split = split_adjoint(model, emit)?;
     let raw_row: usize = inputs.iter().chain(out_grads).map(|e| e.bytes() * TILE_THREADS).sum();
     let (l, ns, t, pt) = (TILE_STEPS, raw_stages(TILE_STEPS * raw_row), TILE_THREADS, PROLOGUE_THREADS);
@@ -612,7 +612,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let sv_base = ns * raw_stage;
     let st_base = sv_base + model.state.len() * l * t * 4;
     let st_stage = split.staged.len() * l * t * 4;
-    // The per-column kernel's signature, with the bounds of a 512-thread block.
+    // The per-column kernel's signature, with the launch bounds of a tiled block.
     let sig_end = per_column.find(") {").ok_or("unexpected kernel text")?;
     let mut s = per_column[..sig_end + 3].replacen("__global__ void ", &format!("__global__ void __launch_bounds__({TILE_BLOCK}) "), 1);
     s.push('\n');
@@ -738,7 +738,6 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         let _ = writeln!(s, "    dp_{0}[col] = (float)acc_{0};", id(n));
     }
     let _ = writeln!(s, "  }}\n}}");
-    let _ = smem;
     Ok(s)
 }
 
