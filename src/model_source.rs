@@ -6,7 +6,7 @@ use sparkc_frontend::checkpoint::load_checkpoint;
 use sparkc_frontend::{init::init_params, Boundary, NeuronSparkConfig};
 use sparkc_ir::Tensor;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const PRESETS: &[&str] = &["tiny", "small", "neuronspark-0.9b"];
 
@@ -37,5 +37,38 @@ pub fn load_weights(cfg: &NeuronSparkConfig, weights: Option<&Path>, init_seed: 
         (Some(w), _) => Ok(load_checkpoint(w, cfg)?),
         (None, Some(seed)) => Ok(init_params(cfg, seed)),
         (None, None) => bail!("give --weights FILE (or --init-seed N for a random initialisation)"),
+    }
+}
+
+/// The flags that say which model runs where, shared by `run` and `generate`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// config.json, or a preset: tiny, small, neuronspark-0.9b.
+    #[arg(long)]
+    pub config: String,
+    /// Checkpoint (safetensors; keys with or without `model.`; F32 or BF16).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Use a seeded random initialisation instead of --weights.
+    #[arg(long)]
+    pub init_seed: Option<u64>,
+    /// Override the config's boundary activation (leak or vpost).
+    #[arg(long)]
+    pub boundary: Option<String>,
+    /// Where to run: cpu or cuda (and, for `generate`, neuro with --program).
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+    /// Arithmetic on cuda: f32 (exact) or bf16 (bf16 GEMMs and activations, fp32 accumulation).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+}
+
+impl ModelArgs {
+    pub fn load_config(&self) -> Result<NeuronSparkConfig> {
+        load_config(&self.config, self.boundary.as_deref())
+    }
+
+    pub fn load_weights(&self, cfg: &NeuronSparkConfig) -> Result<BTreeMap<String, Tensor>> {
+        load_weights(cfg, self.weights.as_deref(), self.init_seed)
     }
 }

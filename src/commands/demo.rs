@@ -34,9 +34,14 @@ pub fn run(a: Args) -> Result<()> {
     println!("\n== 3. generate from it (loss curve: {}) ==", a.out.join("loss.png").display());
     for (temperature, seed) in [(0.0, 0), (0.8, a.seed)] {
         super::generate::run(super::generate::Args {
-            config: config.clone(),
-            weights: Some(weights.clone()),
-            init_seed: None,
+            model: crate::model_source::ModelArgs {
+                config: config.clone(),
+                weights: Some(weights.clone()),
+                init_seed: None,
+                boundary: None,
+                backend: "cpu".into(),
+                precision: "f32".into(),
+            },
             prompt_tensor: None,
             prompt: Some("The ".into()),
             tokenizer: Some("bytes".into()),
@@ -47,9 +52,6 @@ pub fn run(a: Args) -> Result<()> {
             seed,
             eos_id: None,
             out: None,
-            boundary: None,
-            backend: "cpu".into(),
-            precision: "f32".into(),
             program: None,
         })?;
     }

@@ -1,6 +1,6 @@
 //! `sparkc generate`: prefill the prompt, then sample token by token with the state carried.
 
-use crate::model_source::{load_config, load_weights};
+use crate::model_source::ModelArgs;
 use sparkc_frontend::tokenizer;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -14,14 +14,8 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// config.json, or a preset: tiny, small, neuronspark-0.9b.
-    #[arg(long)]
-    pub config: String,
-    #[arg(long)]
-    pub weights: Option<PathBuf>,
-    /// Use a seeded random initialisation instead of --weights.
-    #[arg(long)]
-    pub init_seed: Option<u64>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Prompt ids as FILE:KEY, an integer tensor [B,T] or [T] in a safetensors file.
     #[arg(long, conflicts_with = "prompt")]
     pub prompt_tensor: Option<String>,
@@ -48,15 +42,6 @@ pub struct Args {
     /// Write `tokens` (I64 [B, prompt+generated]) here.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Override the config's boundary activation (leak or vpost).
-    #[arg(long)]
-    pub boundary: Option<String>,
-    /// Where to run: cpu or cuda.
-    #[arg(long, default_value = "cpu")]
-    pub backend: String,
-    /// GEMM arithmetic on cuda: f32 (exact) or bf16 (bf16 operands, fp32 accumulation).
-    #[arg(long, default_value = "f32")]
-    pub precision: String,
     /// The spike program for `--backend neuro` (from `sparkc compile`).
     #[arg(long)]
     pub program: Option<PathBuf>,
@@ -81,7 +66,7 @@ fn prompt_rows(a: &Args, tok: Option<&tokenizers::Tokenizer>) -> Result<Vec<Vec<
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let cfg = load_config(&a.config, a.boundary.as_deref())?;
+    let cfg = a.model.load_config()?;
     let tok = a.tokenizer.as_deref().map(tokenizer::load).transpose()?;
     if let Some(t) = &tok {
         let n = t.get_vocab_size(true);
@@ -104,16 +89,16 @@ pub fn run(a: Args) -> Result<()> {
     }
     let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, eos_id: a.eos_id };
     let start = Instant::now();
-    let rows = if a.backend == "neuro" {
+    let rows = if a.model.backend == "neuro" {
         let p = a.program.as_deref().context("--backend neuro needs --program model.spk (from `sparkc compile`)")?;
         let (rows, report) = crate::commands::simulate::generate_on_chip(p, &prompt, &opts, &mut sampler, |n| bar.set_position(n as u64))?;
         bar.finish_and_clear();
         crate::commands::simulate::print_report(&report);
         rows
     } else {
-        let params = load_weights(&cfg, a.weights.as_deref(), a.init_seed)?;
-        let graph = crate::backend::prepare(&a.backend, build_graph(&cfg, &GraphOptions::default())?)?;
-        let mut session = Session::new(crate::backend::executor(&a.backend, &a.precision, &graph)?, params);
+        let params = a.model.load_weights(&cfg)?;
+        let graph = crate::backend::prepare(&a.model.backend, build_graph(&cfg, &GraphOptions::default())?)?;
+        let mut session = Session::new(crate::backend::executor(&a.model.backend, &a.model.precision, &graph)?, params);
         generate(&mut session, &prompt, &opts, &mut sampler, |n| bar.set_position(n as u64))?
     };
     bar.finish_and_clear();

@@ -1,6 +1,6 @@
 //! `sparkc run`: one forward pass (and the loss when targets are given) on the CPU.
 
-use crate::model_source::{load_config, load_weights};
+use crate::model_source::ModelArgs;
 use anyhow::{bail, Context, Result};
 use sparkc_frontend::neuronspark::{build_graph, compensate_gradients, GraphOptions};
 use sparkc_passes::autodiff::{differentiate, GRAD_PREFIX};
@@ -12,30 +12,14 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// config.json, or a preset: tiny, small, neuronspark-0.9b.
-    #[arg(long)]
-    pub config: String,
-    /// Checkpoint (safetensors; keys with or without `model.`; F32 or BF16).
-    #[arg(long)]
-    pub weights: Option<PathBuf>,
-    /// Use a seeded random initialisation instead of --weights.
-    #[arg(long)]
-    pub init_seed: Option<u64>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Inputs: `input_ids` I64 [B,T]; optional `target_ids` I64 [B,T] and `loss_mask` [B,T].
     #[arg(long)]
     pub inputs: PathBuf,
     /// Where to write `logits`, `ponder_cost` and, with targets, the losses.
     #[arg(long)]
     pub out: PathBuf,
-    /// Override the config's boundary activation (leak or vpost).
-    #[arg(long)]
-    pub boundary: Option<String>,
-    /// Where to run: cpu or cuda.
-    #[arg(long, default_value = "cpu")]
-    pub backend: String,
-    /// GEMM arithmetic on cuda: f32 (exact) or bf16 (bf16 operands, fp32 accumulation).
-    #[arg(long, default_value = "f32")]
-    pub precision: String,
     /// Weight of the ponder cost in `total_loss`.
     #[arg(long, default_value_t = 0.01)]
     pub ponder_weight: f64,
@@ -60,8 +44,8 @@ fn ids(inputs: &BTreeMap<String, Tensor>, key: &str, file: &str) -> Result<Optio
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let cfg = load_config(&a.config, a.boundary.as_deref())?;
-    let params = load_weights(&cfg, a.weights.as_deref(), a.init_seed)?;
+    let cfg = a.model.load_config()?;
+    let params = a.model.load_weights(&cfg)?;
     let file = a.inputs.display().to_string();
     let inputs = read_tensors(&a.inputs)?;
     let input_ids = ids(&inputs, "input_ids", &file)?.with_context(|| format!("{file} has no `input_ids`"))?;
@@ -88,11 +72,11 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--grads-out needs `target_ids` in {file}");
     }
     let opts = GraphOptions { with_loss: targets.is_some(), ponder_weight: a.ponder_weight, debug_outputs: false };
-    let mut graph = crate::backend::prepare(&a.backend, build_graph(&cfg, &opts)?)?;
+    let mut graph = crate::backend::prepare(&a.model.backend, build_graph(&cfg, &opts)?)?;
     if a.grads_out.is_some() {
         graph = differentiate(&graph, "total_loss", &[])?;
     }
-    let mut session = Session::new(crate::backend::executor(&a.backend, &a.precision, &graph)?, params);
+    let mut session = Session::new(crate::backend::executor(&a.model.backend, &a.model.precision, &graph)?, params);
     session.reset(b);
     let out = session.step(feed)?;
 
