@@ -43,6 +43,16 @@ fn maybe_fused(graph: sparkc_ir::Graph, fuse: bool) -> sparkc_ir::Graph {
     }
 }
 
+/// The golden batch (B=2, T=8: ids, targets, mask) with zero initial states for `graph`.
+fn golden_inputs(graph: &sparkc_ir::Graph, io: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    let mut inputs = zero_states(graph, 2);
+    for k in ["input_ids", "target_ids"] {
+        inputs.insert(k.into(), io[k].clone());
+    }
+    inputs.insert("loss_mask".into(), Tensor::f32(vec![2, 8], io["loss_mask"].to_f32_vec()));
+    inputs
+}
+
 fn zero_states(graph: &sparkc_ir::Graph, b: usize) -> BTreeMap<String, Tensor> {
     graph
         .inputs()
@@ -63,11 +73,7 @@ fn goldens_match_on_the_gpu_in_f32() {
         let cfg = NeuronSparkConfig::load(Path::new(&format!("{GOLDEN}/config_{variant}.json"))).unwrap();
         let graph = maybe_fused(build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap(), fuse);
         let io = read_tensors(Path::new(&format!("{GOLDEN}/io_{variant}.safetensors"))).unwrap();
-        let mut inputs = zero_states(&graph, 2);
-        for k in ["input_ids", "target_ids"] {
-            inputs.insert(k.into(), io[k].clone());
-        }
-        inputs.insert("loss_mask".into(), Tensor::f32(vec![2, 8], io["loss_mask"].to_f32_vec()));
+        let inputs = golden_inputs(&graph, &io);
         let mut prog = GpuProgram::compile(Gpu::new(0).unwrap(), &graph).unwrap();
         prog.set_params(&params).unwrap();
         let out = prog.run(&inputs).unwrap();
@@ -156,11 +162,7 @@ fn bf16_training_graph_tracks_the_fp32_gradients() {
     let built = build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap();
     let io = read_tensors(Path::new(&format!("{GOLDEN}/io_leak.safetensors"))).unwrap();
     let gold = read_tensors(Path::new(&format!("{GOLDEN}/grads_leak.safetensors"))).unwrap();
-    let mut inputs = zero_states(&built, 2);
-    for k in ["input_ids", "target_ids"] {
-        inputs.insert(k.into(), io[k].clone());
-    }
-    inputs.insert("loss_mask".into(), Tensor::f32(vec![2, 8], io["loss_mask"].to_f32_vec()));
+    let inputs = golden_inputs(&built, &io);
     let graph = sparkc_passes::autodiff::differentiate(&maybe_fused(built, true), "total_loss", &[]).unwrap();
     let mut prog = GpuProgram::compile_with(Gpu::new(0).unwrap(), &graph, sparkc_backend_cuda::program::Precision::Bf16).unwrap();
     prog.set_params(&params).unwrap();
@@ -195,11 +197,7 @@ fn golden_gradients_match_on_the_gpu() {
         let graph = sparkc_passes::autodiff::differentiate(&graph, "total_loss", &[]).unwrap();
         let io = read_tensors(Path::new(&format!("{GOLDEN}/io_{variant}.safetensors"))).unwrap();
         let gold = read_tensors(Path::new(&format!("{GOLDEN}/grads_{variant}.safetensors"))).unwrap();
-        let mut inputs = zero_states(&graph, 2);
-        for k in ["input_ids", "target_ids"] {
-            inputs.insert(k.into(), io[k].clone());
-        }
-        inputs.insert("loss_mask".into(), Tensor::f32(vec![2, 8], io["loss_mask"].to_f32_vec()));
+        let inputs = golden_inputs(&graph, &io);
         let mut prog = GpuProgram::compile(Gpu::new(0).unwrap(), &graph).unwrap();
         prog.set_params(&params).unwrap();
         let out = prog.run(&inputs).unwrap();
