@@ -18,6 +18,24 @@ pub fn prepare(backend: &str, graph: Graph) -> Result<Graph> {
     Ok(fused)
 }
 
+/// The graph token generation runs: [`prepare`], keeping only the logits and the carried
+/// state (no ponder cost: two kernels fewer per sub-layer and token).
+pub fn prepare_generation(backend: &str, graph: Graph) -> Result<Graph> {
+    Ok(sparkc_passes::prune::for_generation(&prepare(backend, graph)?))
+}
+
+/// The training graph a backend runs: [`prepare`], differentiated for `loss`; on CUDA with
+/// per-layer activation recompute (only each layer's input stays alive through the forward;
+/// the layer is run again just before its backward), as the original checkpoints its layers.
+pub fn prepare_training(backend: &str, graph: Graph, loss: &str) -> Result<Graph> {
+    let train = sparkc_passes::autodiff::differentiate(&prepare(backend, graph)?, loss, &[])?;
+    if backend != "cuda" {
+        return Ok(train);
+    }
+    let (recomputed, _report) = sparkc_passes::recompute::recompute_layers(&train)?;
+    Ok(recomputed)
+}
+
 /// `precision` is `f32` (exact, the default) or `bf16` (bf16 GEMM operands, CUDA only).
 pub fn executor(backend: &str, precision: &str, graph: &Graph) -> Result<Box<dyn Executor>> {
     let precision = match precision {

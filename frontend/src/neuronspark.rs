@@ -219,6 +219,11 @@ pub fn state_floats_per_sequence(cfg: &NeuronSparkConfig) -> u64 {
     (cfg.num_layers * (2 * cfg.d + cfg.dn() + 2 * cfg.d_ff) + cfg.d) as u64
 }
 
+/// The parameters whose gradients [`compensate_gradients`] reads and rewrites.
+pub fn compensated_keys(cfg: &NeuronSparkConfig) -> Vec<String> {
+    (0..cfg.num_layers).flat_map(|i| ["b_beta", "b_alpha", "b_th"].map(|n| format!("layers.{i}.snn_block.{n}"))).collect()
+}
+
 /// Natural-gradient compensation of spec §7, applied to parameter gradients before clipping.
 ///
 /// Phase 1 rescales the gradients of the static modulation biases by the saturation of their

@@ -19,6 +19,10 @@ pub struct Node {
     pub op: Op,
     pub results: Vec<ValueType>,
     pub name: String,
+    /// A recomputed copy of a forward node (activation checkpointing): executors run it late,
+    /// just before its first reader (see [`Graph::execution_order`]).
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 /// Edge weight: result `src` of the producer feeds operand slot `dst` of the consumer.
@@ -86,7 +90,7 @@ impl Graph {
 
     /// A graph input with a declared type.
     pub fn input(&mut self, name: &str, ty: ValueType) -> Value {
-        let n = self.g.add_node(Node { op: Op::Input { name: name.into() }, results: vec![ty], name: name.into() });
+        let n = self.g.add_node(Node { op: Op::Input { name: name.into() }, results: vec![ty], name: name.into(), recompute: false });
         Value { node: n, port: 0 }
     }
 
@@ -102,12 +106,22 @@ impl Graph {
             }
             return Ok(Value { node: n, port: 0 });
         }
-        let n = self.g.add_node(Node { op: Op::Param { name: name.into() }, results: vec![ty], name: name.into() });
+        let n = self.g.add_node(Node { op: Op::Param { name: name.into() }, results: vec![ty], name: name.into(), recompute: false });
         Ok(Value { node: n, port: 0 })
     }
 
     /// Add an op, inferring its result types; the error names the op and the node.
     pub fn add(&mut self, op: Op, operands: &[Value], name: &str) -> Result<Vec<Value>, IrError> {
+        self.add_node(op, operands, name, false)
+    }
+
+    /// [`add`](Self::add) for a recomputed copy of a forward node: the node is marked, so that
+    /// [`execution_order`](Self::execution_order) runs it just before its first reader.
+    pub fn add_recompute(&mut self, op: Op, operands: &[Value], name: &str) -> Result<Vec<Value>, IrError> {
+        self.add_node(op, operands, name, true)
+    }
+
+    fn add_node(&mut self, op: Op, operands: &[Value], name: &str, recompute: bool) -> Result<Vec<Value>, IrError> {
         if op.is_source() {
             return Err(IrError::Graph("inputs and params are added with `input` / `param`".into()));
         }
@@ -118,7 +132,7 @@ impl Graph {
             msg,
         })?;
         let count = results.len();
-        let n = self.g.add_node(Node { op, results, name: name.to_string() });
+        let n = self.g.add_node(Node { op, results, name: name.to_string(), recompute });
         for (slot, v) in operands.iter().enumerate() {
             self.g.add_edge(v.node, n, Port { src: v.port, dst: slot as u32 });
         }

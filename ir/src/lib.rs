@@ -5,6 +5,7 @@
 //! - [`neuron`]: neuron models as data;
 //! - [`op`] and [`graph`]: ops with typing rules, wired into a petgraph graph;
 //! - [`text`]: printer and parser; [`verify`]: the verifier;
+//! - [`schedule`]: the execution order (recomputed nodes run late);
 //! - [`tensor`]: host tensors for parameters, inputs and results; [`rng`]: seeded randomness.
 
 pub mod adjoint;
@@ -14,6 +15,7 @@ pub mod graph;
 pub mod neuron;
 pub mod op;
 pub mod rng;
+pub mod schedule;
 pub mod tensor;
 pub mod text;
 pub mod types;
@@ -25,5 +27,6 @@ pub use graph::{Graph, Node, Port, Value};
 pub use petgraph::stable_graph::NodeIndex;
 pub use neuron::NeuronModel;
 pub use op::{Op, StateScope};
+pub use schedule::ScanPairKey;
 pub use tensor::Tensor;
 pub use types::{DType, Dim, Shape, ValueType};

@@ -6,6 +6,7 @@
 //!   neuron plif { ... }
 //!   %0 = input{name="input_ids"}() : i64[B,T]
 //!   %3, %4 = scan{neuron=plif, emit=[leak], scope=sequence}(%1, %2, %5, %6) : f32[B,T,K,64], f32[B,64] @"layers.0.input_neuron1"
+//!   %7 = recompute map{expr=`x0 * 2.0`}(%3) : f32[B,T,K,64] @"layers.0.double.recompute"
 //!   output "logits" = %40
 //! }
 //! ```
@@ -102,8 +103,9 @@ pub fn print(graph: &Graph) -> Result<String, IrError> {
         };
         writeln!(
             out,
-            "  {} = {}{}({}) : {}{}",
+            "  {} = {}{}{}({}) : {}{}",
             results.join(", "),
+            if node.recompute { "recompute " } else { "" },
             node.op.name(),
             attr_text,
             operands.join(", "),
@@ -394,6 +396,7 @@ fn parse_node(c: &mut Cursor, graph: &mut Graph, values: &mut HashMap<String, Va
         results.push(c.value_ref()?);
     }
     c.expect("=")?;
+    let recompute = c.eat("recompute ");
     let op_name = c.ident()?;
     let mut attrs = BTreeMap::new();
     if c.eat("{") && !c.eat("}") {
@@ -442,7 +445,7 @@ fn parse_node(c: &mut Cursor, graph: &mut Graph, values: &mut HashMap<String, Va
         _ => String::new(),
     });
     // Types are taken as written; the verifier checks them against inference afterwards.
-    let n = graph.g.add_node(Node { op, results: types, name });
+    let n = graph.g.add_node(Node { op, results: types, name, recompute });
     for (slot, v) in operands.iter().enumerate() {
         graph.g.add_edge(v.node, n, Port { src: v.port, dst: slot as u32 });
     }

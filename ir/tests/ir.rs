@@ -721,11 +721,11 @@ fn check_round_trips_opt(g: &Graph, json: bool) -> Result<String, TestCaseError>
     prop_assert_eq!(g.len(), g2.len());
     prop_assert_eq!(g.neurons.clone(), g2.neurons.clone(), "neuron models changed in the text round trip");
     // Ops (and so every attribute and expression) survive exactly, in print order.
-    let ops = |g: &Graph| -> Vec<(Op, Vec<ValueType>, String)> {
+    let ops = |g: &Graph| -> Vec<(Op, Vec<ValueType>, String, bool)> {
         g.topo_order()
             .expect("acyclic")
             .into_iter()
-            .map(|n| (g.node(n).op.clone(), g.node(n).results.clone(), g.node(n).name.clone()))
+            .map(|n| (g.node(n).op.clone(), g.node(n).results.clone(), g.node(n).name.clone(), g.node(n).recompute))
             .collect()
     };
     prop_assert_eq!(ops(g), ops(&g2), "nodes changed in the text round trip");
@@ -1314,4 +1314,80 @@ fn numeric_dims_are_constants_and_any_graph_name_round_trips() {
         let back = sparkc_ir::text::parse(&text).unwrap_or_else(|e| panic!("`{name}`: {e}\n{text}"));
         assert_eq!(back.name, name, "{text}");
     }
+}
+
+// ------------------------------------------------------------------ recompute marker and execution order
+
+/// Two "layers" (a, c in layer 0; b in layer 1) and a "backward" that reads recomputed copies:
+/// `gb` reads b', then `gc` reads c' (which reads a'). Returns the graph and [a', c', b', gb, gc].
+fn recompute_graph() -> (Graph, [sparkc_ir::NodeIndex; 5]) {
+    let mut g = Graph::new("rc");
+    let x = g.input("x", ValueType::new(DType::F32, Shape(vec![Dim::sym("B"), Dim::Const(4)])));
+    let e = |s: &str| Op::Map { expr: parse_expr(s).unwrap() };
+    let a = must(g.add1(e("x0 * 2.0"), &[x], "layers.0.a"), "a");
+    let c = must(g.add1(e("x0 + 1.0"), &[a], "layers.0.c"), "c");
+    let b = must(g.add1(e("x0 * 3.0"), &[c], "layers.1.b"), "b");
+    let y = must(g.add1(e("x0 * x0"), &[b], "y"), "y");
+    let seed = must(g.add1(e("1.0"), &[y], "y.seed"), "seed");
+    let a2 = must(g.add_recompute(e("x0 * 2.0"), &[x], "layers.0.a.recompute"), "a'")[0];
+    let c2 = must(g.add_recompute(e("x0 + 1.0"), &[a2], "layers.0.c.recompute"), "c'")[0];
+    let b2 = must(g.add_recompute(e("x0 * 3.0"), &[c], "layers.1.b.recompute"), "b'")[0];
+    let gb = must(g.add1(e("x0 * x1"), &[seed, b2], "b.grad"), "gb");
+    let gc = must(g.add1(e("x0 * x1"), &[gb, c2], "c.grad"), "gc");
+    g.set_output("y", y);
+    g.set_output("dx", gc);
+    (g, [a2.node, c2.node, b2.node, gb.node, gc.node])
+}
+
+#[test]
+fn recompute_marker_round_trips_through_text_and_json() {
+    let (g, [a2, c2, b2, gb, _]) = recompute_graph();
+    assert!(g.node(a2).recompute && g.node(c2).recompute && g.node(b2).recompute && !g.node(gb).recompute);
+    let t = check_round_trips(&g).unwrap_or_else(|e| panic!("{e}"));
+    assert!(t.contains("= recompute map{"), "{t}");
+    assert_eq!(t.matches("recompute map").count(), 3, "{t}");
+    let back = text::parse(&t).unwrap();
+    assert_eq!(back.g.node_weights().filter(|n| n.recompute).count(), 3);
+    // JSON written before the marker existed still reads (the field defaults to false).
+    let (plain, _) = {
+        let mut g = Graph::new("old");
+        let x = g.input("x", ValueType::f32([2u64]));
+        let y = must(g.add1(Op::Map { expr: parse_expr("x0 + 1.0").unwrap() }, &[x], "y"), "y");
+        g.set_output("y", y);
+        (g, ())
+    };
+    let json = serde_json::to_string(&plain).unwrap().replace(",\"recompute\":false", "");
+    assert!(!json.contains("recompute"), "{json}");
+    let old: Graph = serde_json::from_str(&json).unwrap();
+    assert!(old.g.node_weights().all(|n| !n.recompute));
+    // An op is never called `recompute`, so the marker cannot be mistaken for one.
+    let err = text::parse("graph g {\n  %0 = recompute(%0) : f32[]\n}\n").unwrap_err();
+    assert!(matches!(err, IrError::Parse { .. }), "{err}");
+}
+
+#[test]
+fn execution_order_runs_recompute_nodes_just_before_their_reader() {
+    let (g, [a2, c2, b2, gb, gc]) = recompute_graph();
+    let order = g.execution_order().unwrap();
+    assert_eq!(order.len(), g.len());
+    let pos = |order: &[sparkc_ir::NodeIndex], n| order.iter().position(|&m| m == n).unwrap();
+    for n in g.g.node_indices() {
+        for v in g.operands(n) {
+            assert!(pos(&order, v.node) < pos(&order, n), "`{}` runs before its operand `{}`", g.node(n).name, g.node(v.node).name);
+        }
+    }
+    let at = |ns: [sparkc_ir::NodeIndex; 5], order: &[sparkc_ir::NodeIndex]| ns.map(|n| pos(order, n));
+    // b' right before gb; a', c' (depth first) right before gc.
+    let [pa, pc, pb, pgb, pgc] = at([a2, c2, b2, gb, gc], &order);
+    assert_eq!((pb + 1, pgb + 1, pa + 1, pc + 1), (pgb, pa, pc, pgc), "{order:?}");
+    // topo_order runs every ready copy first (lowest index first), before the backward.
+    let [ta, tc, tb, tgb, _] = at([a2, c2, b2, gb, gc], &g.topo_order().unwrap());
+    assert!(ta < tgb && tc < tgb && tb < tgb);
+
+    // Unmarked, the two orders are the same.
+    let mut plain = g.clone();
+    for w in plain.g.node_weights_mut() {
+        w.recompute = false;
+    }
+    assert_eq!(plain.execution_order().unwrap(), plain.topo_order().unwrap());
 }

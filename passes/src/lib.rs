@@ -3,7 +3,9 @@
 
 pub mod autodiff;
 pub mod cost;
+pub mod prune;
 pub mod center_fold;
 pub mod quantize;
+pub mod recompute;
 pub mod scan_fusion;
 pub mod users;

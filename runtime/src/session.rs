@@ -24,6 +24,85 @@ pub trait Executor {
     fn start_sequences(&mut self, _batch: usize) -> Result<bool, RuntimeError> {
         Ok(false)
     }
+
+    /// Gradient accumulation and the optimizer on the executor's device, when it has one.
+    fn device_training(&mut self) -> Option<&mut dyn DeviceTraining> {
+        None
+    }
+}
+
+pub use sparkc_backend_cuda::AdamUpdate;
+
+/// Training with the gradients left on the device that computed them. The executor then owns
+/// the up-to-date parameters and the Adam moments; the host copies are refreshed on request.
+pub trait DeviceTraining {
+    /// Run the training graph and add `scale` × each `grad.<param>` into the accumulators
+    /// (`first`: overwrite them); returns the other outputs.
+    fn accumulate(&mut self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>, scale: f32, first: bool) -> Result<BTreeMap<String, Tensor>, RuntimeError>;
+    /// The global L2 norm of the accumulated gradients.
+    fn gradient_norm(&mut self) -> Result<f64, RuntimeError>;
+    /// One Adam step of every parameter with a gradient; `group` gives its learning rate and
+    /// weight decay.
+    fn adam_step(&mut self, update: &AdamUpdate, group: &dyn Fn(&str) -> (f64, f64)) -> Result<(), RuntimeError>;
+    fn gradients(&mut self, names: &[String]) -> Result<BTreeMap<String, Tensor>, RuntimeError>;
+    fn set_gradients(&mut self, grads: &BTreeMap<String, Tensor>) -> Result<(), RuntimeError>;
+    fn parameters(&mut self, names: &[String]) -> Result<BTreeMap<String, Tensor>, RuntimeError>;
+    /// Every parameter; later runs given exactly these host tensors need no upload.
+    fn all_parameters(&mut self) -> Result<BTreeMap<String, Tensor>, RuntimeError>;
+    /// Adam moments as `m.<name>` / `v.<name>`.
+    fn moments(&mut self) -> Result<BTreeMap<String, Tensor>, RuntimeError>;
+    fn load_moments(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<(), RuntimeError>;
+    /// Time every node of later steps (`on`), or stop.
+    fn set_profiling(&mut self, on: bool);
+    /// Device time per kind of node since profiling started: (what, calls, milliseconds).
+    fn profile(&mut self) -> Result<Vec<(String, usize, f64)>, RuntimeError>;
+}
+
+impl DeviceTraining for sparkc_backend_cuda::GpuProgram {
+    fn accumulate(&mut self, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>, scale: f32, first: bool) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        self.set_params(params)?;
+        Ok(self.accumulate_gradients(inputs, scale, first)?)
+    }
+
+    fn gradient_norm(&mut self) -> Result<f64, RuntimeError> {
+        Ok(sparkc_backend_cuda::GpuProgram::gradient_norm(self)?)
+    }
+
+    fn adam_step(&mut self, update: &AdamUpdate, group: &dyn Fn(&str) -> (f64, f64)) -> Result<(), RuntimeError> {
+        Ok(self.adam_update(update, group)?)
+    }
+
+    fn gradients(&mut self, names: &[String]) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        Ok(self.download_gradients(names)?)
+    }
+
+    fn set_gradients(&mut self, grads: &BTreeMap<String, Tensor>) -> Result<(), RuntimeError> {
+        Ok(self.upload_gradients(grads)?)
+    }
+
+    fn parameters(&mut self, names: &[String]) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        Ok(self.param_values(names)?)
+    }
+
+    fn all_parameters(&mut self) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        Ok(self.download_params()?)
+    }
+
+    fn moments(&mut self) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        Ok(self.download_moments()?)
+    }
+
+    fn load_moments(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<(), RuntimeError> {
+        Ok(sparkc_backend_cuda::GpuProgram::load_moments(self, tensors)?)
+    }
+
+    fn set_profiling(&mut self, on: bool) {
+        sparkc_backend_cuda::GpuProgram::set_profiling(self, on)
+    }
+
+    fn profile(&mut self) -> Result<Vec<(String, usize, f64)>, RuntimeError> {
+        Ok(sparkc_backend_cuda::GpuProgram::profile(self)?)
+    }
 }
 
 impl Executor for CpuProgram {
@@ -58,6 +137,10 @@ impl Executor for sparkc_backend_cuda::GpuProgram {
         sparkc_backend_cuda::GpuProgram::start_sequences(self, batch)?;
         Ok(true)
     }
+
+    fn device_training(&mut self) -> Option<&mut dyn DeviceTraining> {
+        Some(self)
+    }
 }
 
 impl Executor for Box<dyn Executor> {
@@ -75,6 +158,10 @@ impl Executor for Box<dyn Executor> {
 
     fn start_sequences(&mut self, batch: usize) -> Result<bool, RuntimeError> {
         (**self).start_sequences(batch)
+    }
+
+    fn device_training(&mut self) -> Option<&mut dyn DeviceTraining> {
+        (**self).device_training()
     }
 }
 
@@ -111,6 +198,11 @@ impl<E: Executor> Session<E> {
 
     pub fn executor(&self) -> &E {
         &self.exec
+    }
+
+    /// The executor, to tune or instrument it (e.g. profiling); the session's state stays as is.
+    pub fn executor_mut(&mut self) -> &mut E {
+        &mut self.exec
     }
 
     pub fn params(&self) -> &BTreeMap<String, Tensor> {

@@ -97,7 +97,7 @@ pub fn run(a: Args) -> Result<()> {
         rows
     } else {
         let params = a.model.load_weights(&cfg)?;
-        let graph = crate::backend::prepare(&a.model.backend, build_graph(&cfg, &GraphOptions::default())?)?;
+        let graph = crate::backend::prepare_generation(&a.model.backend, build_graph(&cfg, &GraphOptions::default())?)?;
         let mut session = Session::new(crate::backend::executor(&a.model.backend, &a.model.precision, &graph)?, params);
         generate(&mut session, &prompt, &opts, &mut sampler, |n| bar.set_position(n as u64))?
     };

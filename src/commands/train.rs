@@ -8,10 +8,9 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::style::RGBColor;
 use sparkc_frontend::corpus::{self, ShardDtype};
-use sparkc_frontend::neuronspark::{build_graph, compensate_gradients, GraphOptions};
+use sparkc_frontend::neuronspark::{build_graph, compensate_gradients, compensated_keys, GraphOptions};
 use sparkc_frontend::params::param_specs;
 use sparkc_frontend::tokenizer;
-use sparkc_passes::autodiff::differentiate;
 use sparkc_runtime::train::checkpoint;
 use sparkc_runtime::train::data::PackedData;
 use sparkc_runtime::train::optim::OptimizerKind;
@@ -91,7 +90,8 @@ pub struct Args {
     /// No progress bar (for logs).
     #[arg(long)]
     pub quiet: bool,
-    /// Where the forward and backward passes run: cpu or cuda (the optimizer runs on the host).
+    /// Where training runs: cpu, or cuda (forward, backward, gradient accumulation, clipping and
+    /// Adam on the GPU, with per-layer activation recompute).
     #[arg(long, default_value = "cpu")]
     pub backend: String,
     /// GEMM precision on the GPU: f32 (exact, as the CPU) or bf16 (bf16 GEMMs and activations,
@@ -289,13 +289,12 @@ pub fn run(a: Args) -> Result<()> {
     let params = load_weights(&cfg, file.weights.as_deref(), init_seed)?;
 
     let graph = build_graph(&cfg, &GraphOptions { with_loss: true, ponder_weight: tcfg.ponder_weight, debug_outputs: false })?;
-    let graph = crate::backend::prepare(&a.backend, graph)?;
-    let graph = differentiate(&graph, "total_loss", &[])?;
+    let graph = crate::backend::prepare_training(&a.backend, graph, "total_loss")?;
     let program = crate::backend::executor(&a.backend, &a.precision, &graph)?;
     let neuron: Vec<String> = param_specs(&cfg).into_iter().filter(|s| s.neuron_group).map(|s| s.key).collect();
     let hook: Option<GradHook> = if tcfg.compensate {
         let (cfg2, c_max) = (cfg.clone(), tcfg.c_max);
-        Some(Box::new(move |g, p| compensate_gradients(g, p, &cfg2, c_max)))
+        Some(GradHook { keys: compensated_keys(&cfg), rewrite: Box::new(move |g, p| compensate_gradients(g, p, &cfg2, c_max)) })
     } else {
         None
     };

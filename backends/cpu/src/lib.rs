@@ -55,7 +55,7 @@ pub struct CpuProgram {
 impl CpuProgram {
     pub fn compile(graph: &Graph) -> Result<CpuProgram, CpuError> {
         sparkc_ir::verify::verify(graph)?;
-        let order = graph.topo_order()?;
+        let order = graph.execution_order()?;
         let mut compiled = HashMap::new();
         let mut last_use = HashMap::new();
         for (pos, &n) in order.iter().enumerate() {

@@ -108,7 +108,7 @@ pub struct ScanCase<'a> {
 pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming, ScanTiming), CudaError> {
     let (model, emit, io) = (case.model, case.emit, &case.io);
     let (b, s, k, c) = (case.b, case.s, case.k, case.c);
-    let tiled = case.simple_unroll.is_none() && scan_codegen::can_tile(model, c, io);
+    let tiled = case.simple_unroll.is_none() && scan_codegen::can_tile(model, c, io, gpu.max_smem);
     let plan = scan_codegen::tile_plan(model, io);
     let mut src = String::from(codegen::PRELUDE);
     if tiled {
@@ -116,7 +116,7 @@ pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming
     } else {
         src.push_str(&scan_codegen::scan_forward_simple("bench_fwd", model, emit, false, io, case.simple_unroll.unwrap_or_else(|| scan_codegen::scan_unroll(model))));
     }
-    let bwd_tile = scan_codegen::adjoint_tile_bytes(model, emit, &io.inputs, &io.outputs).filter(|_| case.simple_unroll.is_none() && c % scan_codegen::TILE_THREADS == 0);
+    let bwd_tile = scan_codegen::adjoint_tile_bytes(model, emit, &io.inputs, &io.outputs, gpu.max_smem).filter(|_| case.simple_unroll.is_none() && c % scan_codegen::TILE_THREADS == 0);
     let bwd_src = match bwd_tile {
         Some(_) => scan_codegen::scan_adjoint_tiled("bench_bwd", model, emit, false, &io.inputs, &io.outputs, &io.inputs),
         None => scan_codegen::scan_adjoint_chunked("bench_bwd", model, emit, false, &io.inputs, &io.outputs, &io.inputs),

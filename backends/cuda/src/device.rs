@@ -37,6 +37,9 @@ pub struct Gpu {
     pub blas: CudaBlas,
     pub arch: &'static str,
     pub name: String,
+    /// The most dynamic shared memory one block may ask for (227 KB on Hopper, 163 KB on
+    /// A100, 99 KB on consumer parts): the tiled scans are planned within it.
+    pub max_smem: usize,
 }
 
 fn arch_name(major: i32, minor: i32) -> &'static str {
@@ -149,7 +152,10 @@ impl Gpu {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| CudaError::Driver(format!("{e:?}")))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        Ok(Gpu { ctx, stream, blas, arch: arch_name(major, minor), name })
+        let max_smem = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| CudaError::Driver(format!("{e:?}")))? as usize;
+        Ok(Gpu { ctx, stream, blas, arch: arch_name(major, minor), name, max_smem })
     }
 
     /// Compile CUDA C to PTX (or take it from the cache) and load it, with IEEE arithmetic

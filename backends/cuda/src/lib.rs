@@ -9,9 +9,11 @@ pub mod device;
 pub mod library;
 pub mod program;
 pub mod scan_codegen;
+pub mod training;
 
 pub use device::{unavailable_reason, Gpu};
 pub use program::GpuProgram;
+pub use training::AdamUpdate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {

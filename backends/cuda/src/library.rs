@@ -31,6 +31,21 @@ extern "C" __global__ void sp_to_bf16(unsigned short* out, const float* x, long 
     }
 }
 
+/* A linear layer with a handful of outputs (PonderNet's halt logit): one warp per row, fp32
+   operands, double accumulation, bias added. A GEMM library call would also need a bf16 copy
+   of x and a separate bias kernel. */
+extern "C" __global__ void sp_linear_narrow(float* y, const float* x, const float* w, const float* bias, long long rows, int in, int out) {
+    const long long row = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    for (int o = 0; o < out; ++o) {
+        double acc = 0.0;
+        for (int k = lane; k < in; k += 32) acc += (double)x[row * in + k] * (double)w[(long long)o * in + k];
+        for (int s = 16; s > 0; s >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, s);
+        if (lane == 0) y[row * out + o] = (float)(acc + (bias ? (double)bias[o] : 0.0));
+    }
+}
+
 extern "C" __global__ void sp_add_bias(float* y, const float* b, long long rows, int o) {
     GRID_STRIDE(i, rows * o) { y[i] += b[i % o]; }
 }
@@ -138,12 +153,49 @@ extern "C" __global__ void sp_sum_rows(float* out, const float* x, long long row
     }
 }
 
+/* First pass of a column sum over many rows: block (32, 8) sums 32 columns over one chunk of
+   rows into partial[chunk * n + j]; sp_sum_chunks then adds the chunks (fixed order, so the
+   result does not depend on scheduling). */
+extern "C" __global__ void sp_sum_rows_partial(double* partial, const float* x, long long rows, long long n, long long chunk) {
+    __shared__ double buf[8][33];
+    const long long j = blockIdx.x * 32LL + threadIdx.x;
+    const long long r0 = blockIdx.y * chunk, r1 = min(rows, r0 + chunk);
+    double acc = 0.0;
+    if (j < n) for (long long r = r0 + threadIdx.y; r < r1; r += 8) acc += (double)x[r * n + j];
+    buf[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < n) {
+        double t = 0.0;
+        for (int k = 0; k < 8; ++k) t += buf[k][threadIdx.x];
+        partial[blockIdx.y * n + j] = t;
+    }
+}
+
+extern "C" __global__ void sp_sum_chunks(float* out, const double* partial, long long chunks, long long n) {
+    GRID_STRIDE(j, n) {
+        double acc = 0.0;
+        for (long long r = 0; r < chunks; ++r) acc += partial[r * n + j];
+        out[j] = (float)acc;
+    }
+}
+
+/* First pass of a full sum: each block's grid-stride share into partial[block]. */
+extern "C" __global__ void sp_sum_all_partial(double* partial, const float* x, long long n) {
+    double acc = 0.0;
+    GRID_STRIDE(i, n) acc += (double)x[i];
+    acc = sp_block_sum(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
 /* out[r] = sum over j < inner of x[r * inner + j]  (an outer broadcast's adjoint). */
 extern "C" __global__ void sp_sum_inner(float* out, const float* x, long long rows, long long inner) {
-    GRID_STRIDE(r, rows) {
+    /* One warp per row: its lanes read the row contiguously. */
+    const long long warps = (long long)gridDim.x * (blockDim.x / 32);
+    for (long long r = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
         double acc = 0.0;
-        for (long long j = 0; j < inner; ++j) acc += (double)x[r * inner + j];
-        out[r] = (float)acc;
+        for (long long j = threadIdx.x % 32; j < inner; j += 32) acc += (double)x[r * inner + j];
+        for (int s = 16; s > 0; s >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, s);
+        if (threadIdx.x % 32 == 0) out[r] = (float)acc;
     }
 }
 
@@ -255,5 +307,41 @@ extern "C" __global__ void sp_mean_grad(float* out, const float* dy, const float
     for (long long i = threadIdx.x; i < n; i += blockDim.x) den += mask ? (double)mask[i] : 1.0;
     den = sp_block_sum(den);
     for (long long i = threadIdx.x; i < n; i += blockDim.x) out[i] = (float)((double)dy[0] * (mask ? (double)mask[i] : 1.0) / den);
+}
+
+/* Training on the device. Gradient accumulation over micro-batches: acc = s·g, or acc += s·g. */
+extern "C" __global__ void sp_accumulate(float* acc, const float* g, float s, int first, long long n) {
+    GRID_STRIDE(i, n) { acc[i] = first ? s * g[i] : acc[i] + s * g[i]; }
+}
+
+/* Σ x² into out[0] (double, as the host clip does); one atomic per block. */
+extern "C" __global__ void sp_sum_squares(double* out, const float* x, long long n) {
+    double acc = 0.0;
+    GRID_STRIDE(i, n) { double v = (double)x[i]; acc += v * v; }
+    acc = sp_block_sum(acc);
+    if (threadIdx.x == 0) atomicAdd(out, acc);
+}
+
+/* One Adam / AdamW step of one parameter tensor, as runtime::train::optim::Adam::step (there in
+   double, here in float): g ← g·gscale (clipping); Adam adds wd·p to g, AdamW decays p. The bf16
+   copy GEMMs read is refreshed in the same pass when there is one. */
+extern "C" __global__ void sp_adam(float* p, float* m, float* v, unsigned short* p_bf16, const float* g, long long n,
+                                   float lr, float wd, float b1, float b2, float eps, float bc1, float bc2, float gscale, int decoupled) {
+    GRID_STRIDE(i, n) {
+        float pi = p[i];
+        float gi = g[i] * gscale;
+        if (!decoupled) gi += wd * pi;
+        float mi = b1 * m[i] + (1.0f - b1) * gi;
+        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        if (decoupled) pi *= 1.0f - lr * wd;
+        pi -= lr * (mi / bc1) / (sqrtf(vi / bc2) + eps);
+        p[i] = pi;
+        if (p_bf16) {
+            unsigned int u = __float_as_uint(pi);
+            p_bf16[i] = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    }
 }
 "#;

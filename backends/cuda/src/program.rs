@@ -29,7 +29,7 @@ impl DevTensor {
         }
     }
 
-    fn f32(&self) -> Option<&CudaSlice<f32>> {
+    pub(crate) fn f32(&self) -> Option<&CudaSlice<f32>> {
         match self {
             DevTensor::F32 { data, .. } => Some(data),
             _ => None,
@@ -99,7 +99,7 @@ struct Captured {
     graph: cudarc::driver::CudaGraph,
 }
 
-enum Slot<'a> {
+pub(crate) enum Slot<'a> {
     Owned(DevTensor),
     Param(&'a DevTensor),
 }
@@ -129,12 +129,15 @@ pub struct GpuProgram {
     pub gpu: Gpu,
     precision: Precision,
     /// bf16 copies of the parameters that feed GEMMs (bf16 mode only).
-    params_bf16: BTreeMap<String, CudaSlice<u16>>,
+    pub(crate) params_bf16: BTreeMap<String, CudaSlice<u16>>,
     graph: Graph,
     order: Vec<NodeIndex>,
     module: Arc<CudaModule>,
     kernels: HashMap<String, CudaFunction>,
     last_use: HashMap<Value, usize>,
+    /// Gradient outputs no node reads: handed out as soon as they are produced and freed
+    /// then, so a training step never holds the whole gradient set twice.
+    early_outputs: HashMap<Value, String>,
     /// The generated kernel each map / scan node runs (shared between identical nodes).
     kernel_of: HashMap<NodeIndex, String>,
     /// Values stored in bf16 (bf16 mode only); all others are f32 (or integer).
@@ -149,15 +152,22 @@ pub struct GpuProgram {
     resident: Option<Resident>,
     /// No host round trip inside a run (no embedding gradient): a run can be captured.
     capturable: bool,
-    params: BTreeMap<String, DevTensor>,
+    pub(crate) params: BTreeMap<String, DevTensor>,
     /// Identity (data address and length) of the host parameters last uploaded.
-    uploaded_from: BTreeMap<String, (usize, usize)>,
+    pub(crate) uploaded_from: BTreeMap<String, (usize, usize)>,
+    /// Per-node CUDA events of the runs made while profiling (see [`GpuProgram::profile`]).
+    profile: Option<std::cell::RefCell<Vec<(NodeIndex, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>>,
+    /// Device-side training state (gradient accumulators, Adam moments), when used.
+    pub(crate) training: crate::training::TrainingState,
 }
+
+/// Linear layers with at most this many outputs run as one fused dot-product kernel.
+const NARROW_LINEAR: usize = 4;
 
 /// The name generated kernels carry until they are named by the hash of their source.
 const PLACEHOLDER: &str = "SP_KERNEL_NAME";
 
-fn grid(n: usize) -> LaunchConfig {
+pub(crate) fn grid(n: usize) -> LaunchConfig {
     let threads = 256u32;
     let blocks = n.div_ceil(threads as usize).clamp(1, 65535 * 8) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
@@ -182,14 +192,15 @@ impl GpuProgram {
 
     pub fn compile_with(gpu: Gpu, graph: &Graph, precision: Precision) -> Result<GpuProgram, CudaError> {
         sparkc_ir::verify::verify(graph).map_err(|e| CudaError::Unsupported(e.to_string()))?;
-        let order = graph.topo_order().map_err(|e| CudaError::Unsupported(e.to_string()))?;
+        let order = graph.execution_order().map_err(|e| CudaError::Unsupported(e.to_string()))?;
         let mut src = String::from(codegen::PRELUDE);
         src.push_str(LIBRARY);
         let mut names = vec![
-            "sp_embedding", "sp_repeat_frames", "sp_mean_frames", "sp_add_bias", "sp_rms_norm", "sp_center_last",
+            "sp_embedding", "sp_linear_narrow", "sp_repeat_frames", "sp_mean_frames", "sp_add_bias", "sp_rms_norm", "sp_center_last",
             "sp_ponder_weights", "sp_frame_weighted_sum", "sp_cross_entropy", "sp_masked_mean", "sp_to_bf16",
-            "sp_sum_rows", "sp_sum_inner", "sp_embedding_grad", "sp_sum_frames", "sp_rms_norm_grad", "sp_ponder_weights_grad",
+            "sp_sum_rows", "sp_sum_rows_partial", "sp_sum_chunks", "sp_sum_all_partial", "sp_sum_inner", "sp_embedding_grad", "sp_sum_frames", "sp_rms_norm_grad", "sp_ponder_weights_grad",
             "sp_frame_weighted_sum_grad_frames", "sp_frame_weighted_sum_grad_weights", "sp_cross_entropy_grad", "sp_mean_grad",
+            "sp_accumulate", "sp_sum_squares", "sp_adam",
         ]
         .into_iter()
         .map(String::from)
@@ -234,7 +245,7 @@ impl GpuProgram {
                         outputs: (0..emit.len()).map(|k| elem(Value { node: n, port: k as u32 })).collect(),
                     };
                     let c = node.results[0].shape.resolve(&graph.dims).dims().last().and_then(|d| d.as_const()).unwrap_or(0) as usize;
-                    let k = if scan_codegen::can_tile(model, c, &io) {
+                    let k = if scan_codegen::can_tile(model, c, &io, gpu.max_smem) {
                         let plan = scan_codegen::tile_plan(model, &io);
                         tiled.insert(n, plan);
                         scan_codegen::scan_forward_tiled(PLACEHOLDER, model, emit, token, &io, plan)
@@ -252,7 +263,7 @@ impl GpuProgram {
                     let in_grads: Vec<Elem> = (0..ni).map(|i| elem(Value { node: n, port: i as u32 })).collect();
                     let c = operands[0].node;
                     let c = graph.value_type(Value { node: c, port: operands[0].port }).shape.resolve(&graph.dims).dims().last().and_then(|d| d.as_const()).unwrap_or(0) as usize;
-                    let tile_bytes = scan_codegen::adjoint_tile_bytes(model, emit, &inputs, &out_grads).filter(|_| c % scan_codegen::TILE_THREADS == 0);
+                    let tile_bytes = scan_codegen::adjoint_tile_bytes(model, emit, &inputs, &out_grads, gpu.max_smem).filter(|_| c % scan_codegen::TILE_THREADS == 0);
                     let k = match tile_bytes {
                         Some(bytes) => {
                             tiled.insert(n, TilePlan { steps: 16, stages: 3, smem_bytes: bytes });
@@ -283,8 +294,11 @@ impl GpuProgram {
                 }
             }
         }
+        let early_outputs = early_outputs(graph, &last_use);
         for (_, v) in &graph.outputs {
-            last_use.insert(*v, usize::MAX);
+            if !early_outputs.contains_key(v) {
+                last_use.insert(*v, usize::MAX);
+            }
         }
         src.push_str(&generated_src);
         let module = gpu.load_with(&src, precision == Precision::Bf16)?;
@@ -308,6 +322,7 @@ impl GpuProgram {
             module,
             kernels,
             last_use,
+            early_outputs,
             storage,
             kernel_of,
             tape_of,
@@ -317,6 +332,8 @@ impl GpuProgram {
             capturable: !graph.g.node_indices().any(|n| matches!(graph.node(n).op, Op::EmbeddingGrad)),
             params: BTreeMap::new(),
             uploaded_from: BTreeMap::new(),
+            training: Default::default(),
+            profile: None,
         })
     }
 
@@ -329,14 +346,14 @@ impl GpuProgram {
         &self.module
     }
 
-    fn upload(&self, t: &Tensor) -> Result<DevTensor, CudaError> {
+    pub(crate) fn upload(&self, t: &Tensor) -> Result<DevTensor, CudaError> {
         Ok(match &t.data {
             TensorData::F32(v) => DevTensor::F32 { shape: t.shape.clone(), data: drv!(self.gpu.stream.clone_htod(v)) },
             TensorData::I64(v) => DevTensor::I64 { shape: t.shape.clone(), data: drv!(self.gpu.stream.clone_htod(v)) },
         })
     }
 
-    fn download(&self, t: &DevTensor) -> Result<Tensor, CudaError> {
+    pub(crate) fn download(&self, t: &DevTensor) -> Result<Tensor, CudaError> {
         Ok(match t {
             DevTensor::F32 { shape, data } => Tensor::f32(shape.clone(), drv!(self.gpu.stream.clone_dtoh(data))),
             DevTensor::Bf16 { shape, data } => Tensor::f32(shape.clone(), drv!(self.gpu.stream.clone_dtoh(data)).into_iter().map(|h| f32::from_bits((h as u32) << 16)).collect()),
@@ -467,12 +484,7 @@ impl GpuProgram {
 
     /// Run the graph on host inputs (parameters come from [`GpuProgram::set_params`]).
     pub fn run(&self, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, CudaError> {
-        let env = self.bind(inputs, &HashSet::new())?;
-        let mut fed: HashMap<NodeIndex, Slot> = HashMap::new();
-        for (n, name, ty) in self.graph.inputs() {
-            let t = self.host_input(n, name, ty.dtype, inputs)?;
-            fed.insert(n, Slot::Owned(self.upload(&t)?));
-        }
+        let (env, fed) = self.upload_inputs(inputs)?;
         let mut out = BTreeMap::new();
         self.walk(&env, fed, &mut |name, t| {
             out.insert(name.to_string(), self.download(t)?);
@@ -484,12 +496,7 @@ impl GpuProgram {
     /// Run and download only the named outputs; the rest (e.g. gradients an optimizer on the
     /// device would read) are produced on the device and dropped. For timing training steps.
     pub fn run_keeping(&self, inputs: &BTreeMap<String, Tensor>, download: &[&str]) -> Result<BTreeMap<String, Tensor>, CudaError> {
-        let env = self.bind(inputs, &HashSet::new())?;
-        let mut fed: HashMap<NodeIndex, Slot> = HashMap::new();
-        for (n, name, ty) in self.graph.inputs() {
-            let t = self.host_input(n, name, ty.dtype, inputs)?;
-            fed.insert(n, Slot::Owned(self.upload(&t)?));
-        }
+        let (env, fed) = self.upload_inputs(inputs)?;
         let mut out = BTreeMap::new();
         self.walk(&env, fed, &mut |name, t| {
             if download.contains(&name) {
@@ -499,6 +506,17 @@ impl GpuProgram {
         })?;
         drv!(self.gpu.stream.synchronize());
         Ok(out)
+    }
+
+    /// Bind the dimensions and upload every graph input (none kept on the device).
+    pub(crate) fn upload_inputs(&self, inputs: &BTreeMap<String, Tensor>) -> Result<(DimBindings, HashMap<NodeIndex, Slot<'_>>), CudaError> {
+        let env = self.bind(inputs, &HashSet::new())?;
+        let mut fed = HashMap::new();
+        for (n, name, ty) in self.graph.inputs() {
+            let t = self.host_input(n, name, ty.dtype, inputs)?;
+            fed.insert(n, Slot::Owned(self.upload(&t)?));
+        }
+        Ok((env, fed))
     }
 
     /// Dimension bindings from the host inputs (and the kept state, whose names are `kept`).
@@ -534,7 +552,7 @@ impl GpuProgram {
 
     /// Execute every node in order over device inputs `fed`; each graph output is handed to
     /// `emit` at the end. Intermediates are freed at their last use.
-    fn walk<'a>(&'a self, env: &DimBindings, mut fed: HashMap<NodeIndex, Slot<'a>>, emit: &mut dyn FnMut(&str, &DevTensor) -> Result<(), CudaError>) -> Result<(), CudaError> {
+    pub(crate) fn walk<'a>(&'a self, env: &DimBindings, mut fed: HashMap<NodeIndex, Slot<'a>>, emit: &mut dyn FnMut(&str, &DevTensor) -> Result<(), CudaError>) -> Result<(), CudaError> {
         let mut values: HashMap<Value, Slot> = HashMap::new();
         let mut tapes = Tapes::new();
         for (pos, &n) in self.order.iter().enumerate() {
@@ -550,11 +568,19 @@ impl GpuProgram {
                 Op::Param { name } => vec![Slot::Param(self.params.get(name).ok_or_else(|| CudaError::Input(format!("parameter `{name}` was not uploaded")))?)],
                 _ => {
                     let ops: Vec<&DevTensor> = self.graph.operands(n).iter().map(|v| values[v].get()).collect();
-                    self.exec(n, &ops, &shapes, &mut tapes)?.into_iter().map(Slot::Owned).collect()
+                    let start = self.profile.as_ref().map(|_| self.timing_event()).transpose()?;
+                    let out = self.exec(n, &ops, &shapes, &mut tapes)?;
+                    if let (Some(p), Some(start)) = (&self.profile, start) {
+                        p.borrow_mut().push((n, start, self.timing_event()?));
+                    }
+                    out.into_iter().map(Slot::Owned).collect()
                 }
             };
             for (port, t) in results.into_iter().enumerate() {
                 let v = Value { node: n, port: port as u32 };
+                if let Some(name) = self.early_outputs.get(&v) {
+                    emit(name, t.get())?;
+                }
                 if self.last_use.contains_key(&v) {
                     values.insert(v, t);
                 }
@@ -566,9 +592,48 @@ impl GpuProgram {
             }
         }
         for (name, v) in &self.graph.outputs {
-            emit(name, values[v].get())?;
+            if !self.early_outputs.contains_key(v) {
+                emit(name, values[v].get())?;
+            }
         }
         Ok(())
+    }
+
+    /// Start (or stop) timing every node of later runs with CUDA events.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(Default::default);
+    }
+
+    fn timing_event(&self) -> Result<cudarc::driver::CudaEvent, CudaError> {
+        Ok(drv!(self.gpu.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))))
+    }
+
+    /// Device time per kind of node over the runs since profiling started, longest first:
+    /// (what, calls, milliseconds). Clears the record.
+    pub fn profile(&self) -> Result<Vec<(String, usize, f64)>, CudaError> {
+        let Some(p) = &self.profile else { return Ok(Vec::new()) };
+        let mut by_kind: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+        for (n, start, end) in p.borrow_mut().drain(..) {
+            let ms = drv!(start.elapsed_ms(&end)) as f64;
+            let e = by_kind.entry(self.profile_label(n)).or_default();
+            e.0 += 1;
+            e.1 += ms;
+        }
+        let mut rows: Vec<(String, usize, f64)> = by_kind.into_iter().map(|(k, (c, ms))| (k, c, ms)).collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        Ok(rows)
+    }
+
+    /// What a node is, for the profile: its op, and the neuron and width of a scan, or the
+    /// output width of a linear layer.
+    fn profile_label(&self, n: NodeIndex) -> String {
+        let node = self.graph.node(n);
+        let width = |v: Value| self.graph.value_type(v).shape.dims().last().and_then(|d| d.as_const()).map(|c| c.to_string()).unwrap_or_default();
+        match &node.op {
+            Op::Scan { neuron, .. } | Op::ScanAdjoint { neuron, .. } => format!("{} {neuron} C={}", node.op.name(), width(self.graph.operands(n)[0])),
+            Op::Linear { .. } | Op::LinearGradInput | Op::LinearGradWeight => format!("{} {}", node.op.name(), width(Value { node: n, port: 0 })),
+            op => op.name().to_string(),
+        }
     }
 
     /// Keep the carried values (graph inputs that are also outputs: the neuron state) on the
@@ -727,7 +792,37 @@ impl GpuProgram {
         })
     }
 
-    fn f(&self, name: &str) -> &CudaFunction {
+    /// out[j] = Σ_r x[r·n + j]. Many rows are split into chunks summed in parallel first
+    /// (one thread per column over 16k rows would take milliseconds).
+    fn sum_rows(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, rows: usize, n: usize) -> Result<(), CudaError> {
+        let st = &self.gpu.stream;
+        let (r, nn) = (rows as i64, n as i64);
+        if rows <= 64 {
+            let mut b = st.launch_builder(self.f("sp_sum_rows"));
+            b.arg(out).arg(x).arg(&r).arg(&nn);
+            // SAFETY: x holds rows × n floats, out n.
+            unsafe { drv!(b.launch(grid(n))) };
+            return Ok(());
+        }
+        // At most 65,535 chunks (the grid's y limit), of at least 64 rows.
+        let chunk = 64.max(rows.div_ceil(65_535));
+        let chunks = rows.div_ceil(chunk);
+        // SAFETY: every chunk's partial sums are written by the first pass.
+        let mut partial = drv!(unsafe { st.alloc::<f64>(chunks * n) });
+        let (ck, cks) = (chunk as i64, chunks as i64);
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(32) as u32, chunks as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+        let mut b = st.launch_builder(self.f("sp_sum_rows_partial"));
+        b.arg(&mut partial).arg(x).arg(&r).arg(&nn).arg(&ck);
+        // SAFETY: x holds rows × n floats; partial chunks × n doubles.
+        unsafe { drv!(b.launch(cfg)) };
+        let mut b = st.launch_builder(self.f("sp_sum_chunks"));
+        b.arg(out).arg(&partial).arg(&cks).arg(&nn);
+        // SAFETY: partial holds chunks × n doubles, out n floats.
+        unsafe { drv!(b.launch(grid(n))) };
+        Ok(())
+    }
+
+    pub(crate) fn f(&self, name: &str) -> &CudaFunction {
         &self.kernels[name]
     }
 
@@ -777,6 +872,17 @@ impl GpuProgram {
                 let (o, i) = (ins[1].shape()[0], ins[1].shape()[1]);
                 let m = numel(ins[0].shape()) / i.max(1);
                 let mut y = self.alloc_value(result(0), &shapes[0])?;
+                let narrow = o <= NARROW_LINEAR && m > 0 && (!*bias || ins[2].f32().is_some());
+                if let (true, DevTensor::F32 { data: yd, .. }, Some(x), Some(w)) = (narrow, &mut y, ins[0].f32(), ins[1].f32()) {
+                    let (rows_, ii, oi) = (m as i64, i as i32, o as i32);
+                    let bias_ptr: u64 = if *bias { ins[2].ptr(st) } else { 0 };
+                    let mut b = st.launch_builder(self.f("sp_linear_narrow"));
+                    b.arg(yd).arg(x).arg(w).arg(&bias_ptr).arg(&rows_).arg(&ii).arg(&oi);
+                    let cfg = LaunchConfig { grid_dim: (m.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                    // SAFETY: x holds m·i floats, w o·i, the bias (when not null) o, y m·o.
+                    unsafe { drv!(b.launch(cfg)) };
+                    return Ok(vec![y]);
+                }
                 if m > 0 && o > 0 && i > 0 {
                     // Row-major y[M,O] = x[M,I]·w[O,I]ᵀ is column-major yᵀ(O×M) = op(W)(O×I)·X(I×M).
                     if let Some(w) = self.weight_bf16(n) {
@@ -923,15 +1029,21 @@ impl GpuProgram {
                     Some((0, _)) => drv!(st.memcpy_dtod(fl(0)?, &mut out)),
                     Some((1, m)) => {
                         let (r, m) = (total / m as i64, m as i64);
-                        launch!(self.f("sp_sum_rows"), grid(m as usize), &mut out, fl(0)?, &r, &m);
+                        self.sum_rows(&mut out, fl(0)?, r as usize, m as usize)?;
                     }
                     Some((2, inner)) => {
                         let (r, inner) = (numel(like) as i64, inner as i64);
-                        launch!(self.f("sp_sum_inner"), grid(r as usize), &mut out, fl(0)?, &r, &inner);
+                        launch!(self.f("sp_sum_inner"), grid(32 * r as usize), &mut out, fl(0)?, &r, &inner);
                     }
                     Some(_) => {
-                        let one = 1i64;
-                        launch!(self.f("sp_sum_inner"), grid(1), &mut out, fl(0)?, &one, &total);
+                        // Block partial sums (fixed grid, fixed order), then their sum.
+                        let blocks = (total as usize).div_ceil(256).clamp(1, 1024);
+                        // SAFETY: every block writes its partial sum.
+                        let mut partial = drv!(unsafe { st.alloc::<f64>(blocks) });
+                        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                        launch!(self.f("sp_sum_all_partial"), cfg, &mut partial, fl(0)?, &total);
+                        let (chunks, one) = (blocks as i64, 1i64);
+                        launch!(self.f("sp_sum_chunks"), grid(1), &mut out, &partial, &chunks, &one);
                     }
                     None => return Err(bad("this broadcast has no CUDA reduction")),
                 }
@@ -1013,8 +1125,7 @@ impl GpuProgram {
                 let mut dw = self.alloc(d)?;
                 let di = d as i32;
                 launch!(self.f("sp_rms_norm_grad"), rows(r, d), &mut out, &mut dw_rows, fl(0)?, fl(1)?, fl(2)?, &di, eps);
-                let (rr, dd) = (r as i64, d as i64);
-                launch!(self.f("sp_sum_rows"), grid(d), &mut dw, &dw_rows, &rr, &dd);
+                self.sum_rows(&mut dw, &dw_rows, r, d)?;
                 return Ok(vec![wrap(out, &shapes[0]), wrap(dw, &shapes[1])]);
             }
             Op::ScanAdjoint { neuron, emit, .. } => {
@@ -1063,8 +1174,7 @@ impl GpuProgram {
                 let mut res = din;
                 for (j, rows_) in dp_rows.iter().enumerate() {
                     let mut g = self.alloc(c)?;
-                    let (rr, cc) = (bsz as i64, c as i64);
-                    launch!(self.f("sp_sum_rows"), grid(c), &mut g, rows_, &rr, &cc);
+                    self.sum_rows(&mut g, rows_, bsz, c)?;
                     res.push(wrap(g, &shapes[ni + j]));
                 }
                 for (j, d) in dinit.into_iter().enumerate() {
@@ -1107,6 +1217,21 @@ impl GpuProgram {
 
 /// How the generated map kernel indexes an operand of `shape` inside an output of `out`
 /// (0 same, 1 repeating suffix, 2 leading broadcast over an inner block, 3 scalar).
+/// Outputs that can be handed out when produced: gradients (`grad.*`) that no node reads and
+/// no other output names. Carried state is not among them: it must not overwrite the old
+/// state while later nodes may still read that.
+fn early_outputs(g: &Graph, last_use: &HashMap<Value, usize>) -> HashMap<Value, String> {
+    let mut names: HashMap<Value, Vec<&str>> = HashMap::new();
+    for (name, v) in &g.outputs {
+        names.entry(*v).or_default().push(name);
+    }
+    names
+        .into_iter()
+        .filter(|(v, n)| n.len() == 1 && n[0].starts_with("grad.") && !last_use.contains_key(v))
+        .map(|(v, n)| (v, n[0].to_string()))
+        .collect()
+}
+
 fn bcast_mode(shape: &[usize], out: &[usize]) -> Option<(i32, usize)> {
     let numel: usize = shape.iter().product();
     let out_n: usize = out.iter().product();

@@ -46,8 +46,10 @@ pub fn checkpoints(s: usize) -> usize {
 /// prologue warps.
 pub const TILE_BLOCK: usize = 1024;
 const PROLOGUE_THREADS: usize = TILE_BLOCK - TILE_THREADS;
-/// Steps per tile of the tiled forward.
+/// Steps per tile of the tiled forward, and of the reverse scan (one checkpoint chunk).
 const TILE_STEPS: usize = 16;
+/// Steps per tile of a forward scan whose chain reads the raw tiles (see [`tile_plan`]).
+const DIRECT_TILE_STEPS: usize = 64;
 /// Raw-input tiles in flight per block: at least three, more when tiles are small (one bf16
 /// input is 4 KB a tile), so that some 48 KB per SM are always on their way.
 fn raw_stages(raw_tile_bytes: usize) -> usize {
@@ -99,18 +101,24 @@ pub struct TilePlan {
     pub smem_bytes: usize,
 }
 
+/// Without prologue math the chain reads the copied tiles directly and a block synchronises
+/// once per tile, so longer tiles mean fewer barriers on the sequential path.
+/// `SPARKC_SCAN_TILE_STEPS` overrides the length (a multiple of 16), for tuning.
 pub fn tile_plan(model: &NeuronModel, io: &ScanIo) -> TilePlan {
     let raw_row: usize = io.inputs.iter().map(|e| e.bytes() * TILE_THREADS).sum();
-    let staged = split_step(model).staged.len();
-    let stages = raw_stages(TILE_STEPS * raw_row);
-    let smem_bytes = stages * TILE_STEPS * raw_row + 2 * staged * TILE_STEPS * TILE_THREADS * 4;
-    TilePlan { steps: TILE_STEPS, stages, smem_bytes }
+    let split = split_step(model);
+    let direct = split.prologue.is_empty();
+    let default = if direct { DIRECT_TILE_STEPS } else { TILE_STEPS };
+    let steps = std::env::var("SPARKC_SCAN_TILE_STEPS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|s| *s >= 16 && s % 16 == 0).unwrap_or(default);
+    let stages = raw_stages(steps * raw_row);
+    let pro = if direct { 0 } else { 2 * split.staged.len() * steps * TILE_THREADS * 4 };
+    TilePlan { steps, stages, smem_bytes: stages * steps * raw_row + pro }
 }
 
 /// Whether the tiled kernel applies: every block's 128 channels lie in one batch row (each row
 /// of a tile is whole 16-byte chunks) and its shared memory fits.
-pub fn can_tile(model: &NeuronModel, c: usize, io: &ScanIo) -> bool {
-    c % TILE_THREADS == 0 && !io.inputs.is_empty() && tile_plan(model, io).smem_bytes <= 200 * 1024
+pub fn can_tile(model: &NeuronModel, c: usize, io: &ScanIo, max_smem: usize) -> bool {
+    c % TILE_THREADS == 0 && !io.inputs.is_empty() && tile_plan(model, io).smem_bytes <= max_smem
 }
 
 fn signature(name: &str, model: &NeuronModel, io: &ScanIo, launch_bounds: bool) -> String {
@@ -355,11 +363,21 @@ pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     }
     let _ = writeln!(pro, "        }}\n      }}");
     let wait_and_sync = format!("      sp_cp_wait<{}>();\n      asm volatile(\"bar.sync 1, {pt};\" ::: \"memory\");\n", ns - 1);
-    // Start: tiles 0..ns in flight, the prologue of tile 0.
-    let _ = writeln!(s, "  if (!chain) {{");
-    let _ = writeln!(s, "    for (int tt = 0; tt < {ns}; ++tt) {{\n{issue}    }}");
-    let _ = writeln!(s, "{wait_and_sync}    {{\n      const int tt = 0;\n{pro}    }}");
-    let _ = writeln!(s, "  }}");
+    // Without prologue math (a plain PLIF) the chain reads the raw tiles the copies land in,
+    // and the worker warps only keep copies in flight: no staging pass, no worker barrier.
+    let direct = split.prologue.is_empty();
+    if direct {
+        // Start: tiles 0..ns-1 in flight (stage ns-1 is filled in the first iteration).
+        let _ = writeln!(s, "  if (!chain) {{");
+        let _ = writeln!(s, "    for (int tt = 0; tt < {}; ++tt) {{\n{issue}    }}", ns - 1);
+        let _ = writeln!(s, "    sp_cp_wait<{}>();\n  }}", ns - 2);
+    } else {
+        // Start: tiles 0..ns in flight, the prologue of tile 0.
+        let _ = writeln!(s, "  if (!chain) {{");
+        let _ = writeln!(s, "    for (int tt = 0; tt < {ns}; ++tt) {{\n{issue}    }}");
+        let _ = writeln!(s, "{wait_and_sync}    {{\n      const int tt = 0;\n{pro}    }}");
+        let _ = writeln!(s, "  }}");
+    }
     let _ = writeln!(s, "  __syncthreads();");
     // Chain threads' registers.
     let _ = writeln!(s, "  const long long col = col0 + (chain ? tid : 0);");
@@ -377,17 +395,39 @@ pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(s, "  const long long base = (long long)b * S * C + c;");
     let _ = writeln!(s, "  for (int tile = 0; tile < ntiles; ++tile) {{");
     let _ = writeln!(s, "    if (chain) {{");
-    let _ = writeln!(s, "      const float* pro = (const float*)(sp_smem + {pro_base} + (tile & 1) * {pro_stage});");
-    let _ = writeln!(s, "      #pragma unroll\n      for (int j = 0; j < {l}; ++j) {{");
-    let _ = writeln!(s, "      const int step = tile * {l} + j;\n      if (step >= S) break;");
-    for (k, n) in split.staged.iter().enumerate() {
-        let _ = writeln!(s, "      const float {} = pro[{} + j * {t} + tid];", ident(n), k * l * t);
+    if direct {
+        let _ = writeln!(s, "      const unsigned char* stg = sp_smem + (tile % {ns}) * {raw_stage};");
+    } else {
+        let _ = writeln!(s, "      const float* pro = (const float*)(sp_smem + {pro_base} + (tile & 1) * {pro_stage});");
     }
+    // Loads unconditional (a tile's shared memory is whole) and the step guarded, not a
+    // `break`: the loads then do not wait behind the previous step's branch and can be hoisted
+    // ahead of the chain.
+    let _ = writeln!(s, "      #pragma unroll\n      for (int j = 0; j < {l}; ++j) {{");
+    let _ = writeln!(s, "      const int step = tile * {l} + j;");
+    for (k, n) in split.staged.iter().enumerate() {
+        match model.inputs.iter().position(|i| i == n).filter(|_| direct) {
+            Some(i) => {
+                let (e, x) = (io.inputs[i], &streamed[i]);
+                let _ = writeln!(s, "      const float {} = sp_ld((const {}*)(stg + {} + j * {}), tid);", ident(n), e.c_type(), x.offset, x.row_bytes);
+            }
+            None => {
+                let _ = writeln!(s, "      const float {} = pro[{} + j * {t} + tid];", ident(n), k * l * t);
+            }
+        }
+    }
+    let _ = writeln!(s, "      if (step < S) {{");
     s.push_str(&forward_body(model, emit, token_scope, &given));
-    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "      }}\n      }}");
     let _ = writeln!(s, "    }} else {{");
-    let _ = writeln!(s, "      {{\n      const int tt = tile + {ns};\n{issue}      }}");
-    let _ = writeln!(s, "{wait_and_sync}      {{\n      const int tt = tile + 1;\n      if (tt < ntiles) {{\n{pro}      }}\n      }}");
+    if direct {
+        // Stage (tile-1) % ns was read by the chain in the last iteration; tile+1 must land.
+        let _ = writeln!(s, "      {{\n      const int tt = tile + {};\n{issue}      }}", ns - 1);
+        let _ = writeln!(s, "      sp_cp_wait<{}>();", ns - 2);
+    } else {
+        let _ = writeln!(s, "      {{\n      const int tt = tile + {ns};\n{issue}      }}");
+        let _ = writeln!(s, "{wait_and_sync}      {{\n      const int tt = tile + 1;\n      if (tt < ntiles) {{\n{pro}      }}\n      }}");
+    }
     let _ = writeln!(s, "    }}\n    __syncthreads();\n  }}");
     let _ = writeln!(s, "  if (chain) {{");
     for st in &model.state {
@@ -582,11 +622,11 @@ pub fn split_adjoint(model: &NeuronModel, emit: &[String]) -> Result<AdjointSpli
 
 /// Shared memory of the tiled reverse scan (None when it would not fit: the per-column
 /// kernel runs instead).
-pub fn adjoint_tile_bytes(model: &NeuronModel, emit: &[String], inputs: &[Elem], out_grads: &[Elem]) -> Option<usize> {
+pub fn adjoint_tile_bytes(model: &NeuronModel, emit: &[String], inputs: &[Elem], out_grads: &[Elem], max_smem: usize) -> Option<usize> {
     let split = split_adjoint(model, emit).ok()?;
     let raw_row: usize = inputs.iter().chain(out_grads).map(|e| e.bytes() * TILE_THREADS).sum();
-    let bytes = raw_stages(TILE_STEPS * raw_row) * TILE_STEPS * raw_row + model.state.len() * TILE_STEPS * TILE_THREADS * 4 + 2 * split.staged.len() * TILE_STEPS * TILE_THREADS * 4;
-    (bytes <= 200 * 1024).then_some(bytes)
+    let bytes = raw_stages(TILE_STEPS * raw_row) * TILE_STEPS * raw_row + 2 * model.state.len() * TILE_STEPS * TILE_THREADS * 4 + 2 * split.staged.len() * TILE_STEPS * TILE_THREADS * 4;
+    (bytes <= max_smem).then_some(bytes)
 }
 
 /// The reverse scan for widths that are multiples of 128, warp-specialised like
@@ -599,7 +639,7 @@ pub fn adjoint_tile_bytes(model: &NeuronModel, emit: &[String], inputs: &[Elem],
 /// threads first run the forward to make them).
 pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool, inputs: &[Elem], out_grads: &[Elem], in_grads: &[Elem]) -> Result<String, String> {
     let per_column = scan_adjoint_chunked(name, model, emit, token_scope, inputs, out_grads, in_grads)?;
-    adjoint_tile_bytes(model, emit, inputs, out_grads).ok_or("the tiled reverse scan does not fit in shared memory")?;
+    adjoint_tile_bytes(model, emit, inputs, out_grads, usize::MAX).ok_or("the reverse scan cannot be split into a parallel part and a chain")?;
     let split = split_adjoint(model, emit)?;
     let raw_row: usize = inputs.iter().chain(out_grads).map(|e| e.bytes() * TILE_THREADS).sum();
     let (l, ns, t, pt) = (TILE_STEPS, raw_stages(TILE_STEPS * raw_row), TILE_THREADS, PROLOGUE_THREADS);
@@ -610,7 +650,8 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let raw_names: Vec<String> = model.inputs.iter().map(|n| id(n)).chain(emit.iter().map(|o| id(&output_grad_name(o)))).collect();
     let (streamed, raw_stage) = stream_layout(&raw, l);
     let sv_base = ns * raw_stage;
-    let st_base = sv_base + model.state.len() * l * t * 4;
+    let sv_stage = model.state.len() * l * t * 4;
+    let st_base = sv_base + 2 * sv_stage;
     let st_stage = split.staged.len() * l * t * 4;
     // The per-column kernel's signature, with the launch bounds of a tiled block.
     let sig_end = per_column.find(") {").ok_or("unexpected kernel text")?;
@@ -638,53 +679,69 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
             let _ = writeln!(s, "{indent}const float {name} = sp_ld((const {}*)(stg + {} + ({j}) * {}), {ch});", e.c_type(), x.offset, x.row_bytes);
         }
     };
-    let mut prep = String::new();
-    let _ = writeln!(prep, "      if (it < ntiles) {{");
-    let _ = writeln!(prep, "        const int tl = ntiles - 1 - it;\n        const int s0 = tl * {l};");
-    let _ = writeln!(prep, "        const unsigned char* stg = sp_smem + (it % {ns}) * {raw_stage};");
-    let _ = writeln!(prep, "        float* sv = (float*)(sp_smem + {sv_base});");
-    let _ = writeln!(prep, "        float* sg = (float*)(sp_smem + {st_base} + (it & 1) * {st_stage});");
-    // Forward over the tile from its checkpoint, one worker per channel.
-    let _ = writeln!(prep, "        if (pt < {t}) {{");
-    let _ = writeln!(prep, "          const int ch = pt, c = c0 + ch;");
+    // Three stages run at once on three tiles: the chain on tile `it`, the parallel part of
+    // tile it+1 (workers from the fifth warp on), and the forward recompute of tile it+2 from its
+    // checkpoint (the first four worker warps, one thread per channel). Tiles are independent
+    // given their checkpoints, so the sequential recompute is off the chain's critical path.
+    let head = |s: &mut String| {
+        let _ = writeln!(s, "      if (it < ntiles) {{");
+        let _ = writeln!(s, "        const int tl = ntiles - 1 - it;\n        const int s0 = tl * {l};");
+        let _ = writeln!(s, "        const unsigned char* stg = sp_smem + (it % {ns}) * {raw_stage};");
+        let _ = writeln!(s, "        float* sv = (float*)(sp_smem + {sv_base} + (it & 1) * {sv_stage});");
+    };
+    let mut recompute = String::new();
+    head(&mut recompute);
+    let _ = writeln!(recompute, "        {{");
+    let _ = writeln!(recompute, "          const int ch = pt, c = c0 + ch;");
     for n in &model.params {
-        let _ = writeln!(prep, "          const float {} = p_{}[c];", id(n), id(n));
+        let _ = writeln!(recompute, "          const float {} = p_{}[c];", id(n), id(n));
     }
     for st in &model.state {
-        let _ = writeln!(prep, "          float {0} = ck_{0}[((long long)b * nck + tl) * C + c];", id(&st.name));
+        let _ = writeln!(recompute, "          float {0} = ck_{0}[((long long)b * nck + tl) * C + c];", id(&st.name));
     }
-    let _ = writeln!(prep, "          for (int j = 0; j < {l}; ++j) {{");
-    let _ = writeln!(prep, "            const int step = s0 + j;\n            if (step >= S) break;");
-    reset(&mut prep, "            ");
+    let _ = writeln!(recompute, "          for (int j = 0; j < {l}; ++j) {{");
+    let _ = writeln!(recompute, "            const int step = s0 + j;\n            if (step >= S) break;");
+    reset(&mut recompute, "            ");
     for (k, st) in model.state.iter().enumerate() {
-        let _ = writeln!(prep, "            sv[{} + j * {t} + ch] = {};", k * l * t, id(&st.name));
+        let _ = writeln!(recompute, "            sv[{} + j * {t} + ch] = {};", k * l * t, id(&st.name));
     }
-    load_raw(&mut prep, "            ", "j", "ch");
-    prep.push_str(&forward_step(model, &[]));
-    let _ = writeln!(prep, "          }}\n        }}");
-    let _ = writeln!(prep, "        asm volatile(\"bar.sync 1, {pt};\" ::: \"memory\");");
+    load_raw(&mut recompute, "            ", "j", "ch");
+    recompute.push_str(&forward_step(model, &[]));
+    let _ = writeln!(recompute, "          }}\n        }}\n      }}");
     // Every state-adjoint-independent binding, all elements of the tile in parallel.
-    let _ = writeln!(prep, "        for (int e = pt; e < {l} * {t}; e += {pt}) {{");
-    let _ = writeln!(prep, "          const int j = e / {t}, ch = e % {t};\n          if (s0 + j >= S) continue;\n          const int c = c0 + ch;");
-    load_raw(&mut prep, "          ", "j", "ch");
+    let workers = pt - t;
+    let mut parallel = String::new();
+    head(&mut parallel);
+    let _ = writeln!(parallel, "        float* sg = (float*)(sp_smem + {st_base} + (it & 1) * {st_stage});");
+    let _ = writeln!(parallel, "        for (int e = pt - {t}; e < {l} * {t}; e += {workers}) {{");
+    let _ = writeln!(parallel, "          const int j = e / {t}, ch = e % {t};\n          if (s0 + j >= S) continue;\n          const int c = c0 + ch;");
+    load_raw(&mut parallel, "          ", "j", "ch");
     let par_vars: std::collections::BTreeSet<String> = split.parallel.iter().flat_map(|(_, e)| e.vars()).collect();
     for n in model.params.iter().filter(|p| par_vars.contains(*p)) {
-        let _ = writeln!(prep, "          const float {} = p_{}[c];", id(n), id(n));
+        let _ = writeln!(parallel, "          const float {} = p_{}[c];", id(n), id(n));
     }
     for (k, st) in model.state.iter().enumerate() {
-        let _ = writeln!(prep, "          const float {} = sv[{} + j * {t} + ch];", id(&st.name), k * l * t);
+        let _ = writeln!(parallel, "          const float {} = sv[{} + j * {t} + ch];", id(&st.name), k * l * t);
     }
     for (n, e) in &split.parallel {
-        let _ = writeln!(prep, "          const float {} = {};", id(n), expr(e, &|v| id(v)));
+        let _ = writeln!(parallel, "          const float {} = {};", id(n), expr(e, &|v| id(v)));
     }
     for (k, n) in split.staged.iter().enumerate() {
-        let _ = writeln!(prep, "          sg[{} + j * {t} + ch] = {};", k * l * t, id(n));
+        let _ = writeln!(parallel, "          sg[{} + j * {t} + ch] = {};", k * l * t, id(n));
     }
-    let _ = writeln!(prep, "        }}\n      }}");
-    let wait_and_sync = format!("      sp_cp_wait<{}>();\n      asm volatile(\"bar.sync 1, {pt};\" ::: \"memory\");\n", ns - 1);
+    let _ = writeln!(parallel, "        }}\n      }}");
+    // Run `body` for tile `it + ahead`.
+    let at = |ahead: usize, body: &str| format!("      {{\n      const int it2 = it + {ahead};\n      {{\n      const int it = it2;\n{body}      }}\n      }}\n");
+    let wait_and_sync = |pending: usize| format!("      sp_cp_wait<{pending}>();\n      asm volatile(\"bar.sync 1, {pt};\" ::: \"memory\");\n");
+    let split_work = |rec: &str, par: &str| format!("      if (pt < {t}) {{\n{rec}      }} else {{\n{par}      }}\n");
+    // Start: tiles 0..ns in flight; recompute tile 0; then recompute 1 beside the parallel part of 0.
     let _ = writeln!(s, "  if (!chain) {{");
+    let _ = writeln!(s, "    const int it = 0;");
     let _ = writeln!(s, "    for (int it = 0; it < {ns}; ++it) {{\n{issue}    }}");
-    let _ = writeln!(s, "{wait_and_sync}    {{\n      const int it = 0;\n{prep}    }}");
+    s.push_str(&wait_and_sync(ns - 1));
+    let _ = writeln!(s, "      if (pt < {t}) {{\n{}      }}", at(0, &recompute));
+    s.push_str(&wait_and_sync(ns - 2));
+    s.push_str(&split_work(&at(1, &recompute), &at(0, &parallel)));
     let _ = writeln!(s, "  }}\n  __syncthreads();");
     // Chain registers.
     let _ = writeln!(s, "  const long long col = col0 + (chain ? tid : 0);\n  const int c = c0 + (chain ? tid : 0);");
@@ -703,12 +760,14 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(s, "    if (chain) {{");
     let _ = writeln!(s, "      const int tl = ntiles - 1 - it;");
     let _ = writeln!(s, "      const float* sg = (const float*)(sp_smem + {st_base} + (it & 1) * {st_stage});");
+    // As in the forward: unconditional loads, guarded step.
     let _ = writeln!(s, "      #pragma unroll\n      for (int j = {}; j >= 0; --j) {{", l - 1);
-    let _ = writeln!(s, "      const int step = tl * {l} + j;\n      if (step >= S) continue;");
-    let _ = writeln!(s, "      const long long at = base + (long long)step * C;");
+    let _ = writeln!(s, "      const int step = tl * {l} + j;");
     for (k, n) in split.staged.iter().enumerate() {
         let _ = writeln!(s, "      const float {} = sg[{} + j * {t} + tid];", id(n), k * l * t);
     }
+    let _ = writeln!(s, "      if (step < S) {{");
+    let _ = writeln!(s, "      const long long at = base + (long long)step * C;");
     for st in &model.state {
         let _ = writeln!(s, "      const float {} = carry_{};", id(&state_grad_name(&st.name)), id(&st.name));
     }
@@ -725,10 +784,11 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         let cut = if token_scope { "(step % K == 0) ? 0.0f : " } else { "" };
         let _ = writeln!(s, "      carry_{} = {cut}{};", id(&st.name), id(g));
     }
-    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "      }}\n      }}");
     let _ = writeln!(s, "    }} else {{");
-    let _ = writeln!(s, "      {{\n      const int it2 = it + {ns};\n      {{\n      const int it = it2;\n{issue}      }}\n      }}");
-    let _ = writeln!(s, "{wait_and_sync}      {{\n      const int it2 = it + 1;\n      {{\n      const int it = it2;\n{prep}      }}\n      }}");
+    s.push_str(&at(ns, &issue));
+    s.push_str(&wait_and_sync(ns - 2));
+    s.push_str(&split_work(&at(2, &recompute), &at(1, &parallel)));
     let _ = writeln!(s, "    }}\n    __syncthreads();\n  }}");
     let _ = writeln!(s, "  if (chain) {{");
     for st in &model.state {
@@ -771,6 +831,9 @@ mod tests {
         let vp = ["vpost".to_string()];
         let tiled_adj = scan_adjoint_tiled("sel_bwd", &sel, &vp, false, &[Elem::Bf16; 3], &[Elem::Bf16], &[Elem::Bf16; 3]).unwrap();
         if std::env::var_os("SHOW_KERNEL").is_some() {
+            eprintln!("{}", scan_adjoint_tiled("plif_bwd_tiled", &m, &emit, false, &[Elem::Bf16], &[Elem::Bf16], &[Elem::Bf16]).unwrap());
+        }
+        if std::env::var_os("SHOW_KERNEL").is_some() {
             eprintln!("{tiled_adj}\n{:?}", split_adjoint(&sel, &vp).unwrap());
         }
         assert!(tiled_adj.contains("carry_v_v = "), "{tiled_adj}");
@@ -790,7 +853,7 @@ mod tests {
         assert_eq!(split.constant.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(), ["beta"]);
         assert!(split.prologue.is_empty() && split.staged == ["x"], "{split:?}");
         let io = ScanIo::f32(&m, &["leak".to_string()]);
-        assert!(can_tile(&m, 256, &io) && !can_tile(&m, 200, &io));
+        assert!(can_tile(&m, 256, &io, 227 * 1024) && !can_tile(&m, 200, &io, 227 * 1024));
     }
 }
 

@@ -6,7 +6,7 @@ use super::checkpoint::{self, TrainerState};
 use super::data::{Batch, Cursor, PackedData};
 use super::optim::{clip_grad_norm, Adam, Group, OptimizerKind};
 use super::schedule::Schedule;
-use crate::session::{carried_values, Executor};
+use crate::session::{carried_values, AdamUpdate, Executor};
 use crate::RuntimeError;
 use sparkc_ir::Tensor;
 use std::collections::BTreeMap;
@@ -104,8 +104,13 @@ pub enum Event {
     Checkpoint { step: u64, path: PathBuf },
 }
 
-/// Rewrites gradients before clipping (given the parameters).
-pub type GradHook = Box<dyn Fn(&mut BTreeMap<String, Tensor>, &BTreeMap<String, Tensor>) -> Result<(), String>>;
+/// Rewrites some gradients before clipping, given the parameters.
+pub struct GradHook {
+    /// The gradients (and parameters) the rewrite reads and writes: when the gradients stay
+    /// on the device, only these come to the host for it.
+    pub keys: Vec<String>,
+    pub rewrite: Box<dyn Fn(&mut BTreeMap<String, Tensor>, &BTreeMap<String, Tensor>) -> Result<(), String>>,
+}
 
 pub struct Trainer<E: Executor> {
     exec: E,
@@ -117,6 +122,9 @@ pub struct Trainer<E: Executor> {
     pub state: TrainerState,
     hook: Option<GradHook>,
     checkpoint_dir: PathBuf,
+    /// Gradients, optimizer and up-to-date parameters live on the executor's device: the host
+    /// `params` are refreshed only for a checkpoint.
+    on_device: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +164,9 @@ impl<E: Executor> Trainer<E> {
             .collect();
         let state = TrainerState { step: 0, micro: 0, cursor: Cursor { epoch: 0, position: 0 }, tokens_seen: 0, optimizer_t: 0, seed: cfg.seed, model_config };
         let opt = Adam::new(cfg.optimizer);
-        Ok(Trainer { exec, cfg, params, groups, opt, data, state, hook, checkpoint_dir: checkpoint_dir.to_path_buf() })
+        let mut exec = exec;
+        let on_device = exec.device_training().is_some();
+        Ok(Trainer { exec, cfg, params, groups, opt, data, state, hook, checkpoint_dir: checkpoint_dir.to_path_buf(), on_device })
     }
 
     /// Continue from a checkpoint directory written by [`Trainer::save`].
@@ -177,6 +187,11 @@ impl<E: Executor> Trainer<E> {
         self.params = loaded.params;
         self.exec.params_changed();
         self.opt.load_state(loaded.state.optimizer_t, &loaded.optimizer).map_err(TrainError::Config)?;
+        if let Some(dev) = self.exec.device_training() {
+            dev.load_moments(&self.opt.state_tensors())?;
+            self.opt.m.clear();
+            self.opt.v.clear();
+        }
         self.state = loaded.state;
         Ok(())
     }
@@ -214,21 +229,40 @@ impl<E: Executor> Trainer<E> {
         out.get(k).map(|t| t.to_f32_vec()[0] as f64).unwrap_or(f64::NAN)
     }
 
+    /// The device gradients and optimizer live on, when they do.
+    pub fn device(&mut self) -> Option<&mut dyn crate::session::DeviceTraining> {
+        self.exec.device_training()
+    }
+
+    /// Whether gradients and the optimizer run on the executor's device.
+    pub fn trains_on_device(&self) -> bool {
+        self.on_device
+    }
+
+    /// The loss output of a micro-batch, or the error that stops training when it is not finite.
+    fn checked_loss(&self, out: &BTreeMap<String, Tensor>) -> Result<f64, TrainError> {
+        let l = Self::scalar(out, "total_loss");
+        if l.is_finite() {
+            return Ok(l);
+        }
+        let last = checkpoint::latest(&self.checkpoint_dir)
+            .map(|p| format!("The last good checkpoint is {}.", p.display()))
+            .unwrap_or_else(|| "No checkpoint was written yet.".into());
+        Err(TrainError::NonFinite { step: self.state.step + 1, micro: self.state.micro + 1, value: l, last_good: last })
+    }
+
     /// One optimizer step over `grad_accum` micro-batches.
     pub fn step(&mut self) -> Result<Event, TrainError> {
+        if self.on_device {
+            return self.step_on_device();
+        }
         let accum = self.cfg.grad_accum;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let (mut loss, mut lm, mut ponder, mut tokens) = (0.0, 0.0, 0.0, 0u64);
         for _ in 0..accum {
             let batch = self.data.next_batch(self.cfg.batch_size, self.cfg.seed, &mut self.state.cursor);
             let out = self.exec.execute(&self.feed(&batch), &self.params)?;
-            let l = Self::scalar(&out, "total_loss");
-            if !l.is_finite() {
-                let last = checkpoint::latest(&self.checkpoint_dir)
-                    .map(|p| format!("The last good checkpoint is {}.", p.display()))
-                    .unwrap_or_else(|| "No checkpoint was written yet.".into());
-                return Err(TrainError::NonFinite { step: self.state.step + 1, micro: self.state.micro + 1, value: l, last_good: last });
-            }
+            let l = self.checked_loss(&out)?;
             loss += l / accum as f64;
             lm += Self::scalar(&out, "lm_loss") / accum as f64;
             ponder += Self::scalar(&out, "ponder_cost") / accum as f64;
@@ -247,12 +281,62 @@ impl<E: Executor> Trainer<E> {
             self.state.micro += 1;
         }
         if let Some(hook) = &self.hook {
-            hook(&mut grads, &self.params).map_err(TrainError::Config)?;
+            (hook.rewrite)(&mut grads, &self.params).map_err(TrainError::Config)?;
         }
         let grad_norm = clip_grad_norm(&mut grads, self.cfg.clip);
         let lr = self.schedule().lr(self.state.micro - 1);
         self.opt.step(&mut self.params, &grads, lr, &self.groups);
         self.exec.params_changed();
+        self.state.step += 1;
+        self.state.tokens_seen += tokens;
+        self.state.optimizer_t = self.opt.t;
+        Ok(Event::Step { step: self.state.step, loss, lm_loss: lm, ponder_cost: ponder, lr, grad_norm, tokens })
+    }
+
+    /// [`Trainer::step`] with the gradients left where the backward produced them: they are
+    /// accumulated, clipped and applied by Adam on the device; only the loss scalars (and the
+    /// few gradients a hook rewrites) come to the host.
+    fn step_on_device(&mut self) -> Result<Event, TrainError> {
+        let accum = self.cfg.grad_accum;
+        let (mut loss, mut lm, mut ponder, mut tokens) = (0.0, 0.0, 0.0, 0u64);
+        for micro in 0..accum {
+            let batch = self.data.next_batch(self.cfg.batch_size, self.cfg.seed, &mut self.state.cursor);
+            let feed = self.feed(&batch);
+            let dev = self.exec.device_training().expect("checked at construction");
+            let out = dev.accumulate(&feed, &self.params, 1.0 / accum as f32, micro == 0)?;
+            let l = self.checked_loss(&out)?;
+            loss += l / accum as f64;
+            lm += Self::scalar(&out, "lm_loss") / accum as f64;
+            ponder += Self::scalar(&out, "ponder_cost") / accum as f64;
+            tokens += batch.tokens as u64;
+            self.state.micro += 1;
+        }
+        let lr = self.schedule().lr(self.state.micro - 1);
+        let dev = self.exec.device_training().expect("checked at construction");
+        if let Some(hook) = &self.hook {
+            let mut grads = dev.gradients(&hook.keys)?;
+            let params = dev.parameters(&hook.keys)?;
+            (hook.rewrite)(&mut grads, &params).map_err(TrainError::Config)?;
+            dev.set_gradients(&grads)?;
+        }
+        let grad_norm = dev.gradient_norm()?;
+        // torch.nn.utils.clip_grad_norm_, as `clip_grad_norm` does on the host.
+        let coef = self.cfg.clip / (grad_norm + 1e-6);
+        self.opt.t += 1;
+        let update = AdamUpdate {
+            beta1: self.opt.beta1,
+            beta2: self.opt.beta2,
+            eps: self.opt.eps,
+            t: self.opt.t,
+            decoupled: self.opt.kind == OptimizerKind::Adamw,
+            grad_scale: coef.min(1.0),
+        };
+        let groups = &self.groups;
+        let group = |name: &str| {
+            let g = groups.get(name).copied().unwrap_or(Group { lr_scale: 1.0, weight_decay: 0.0 });
+            (lr * g.lr_scale, g.weight_decay)
+        };
+        dev.adam_step(&update, &group)?;
         self.state.step += 1;
         self.state.tokens_seen += tokens;
         self.state.optimizer_t = self.opt.t;
@@ -274,7 +358,23 @@ impl<E: Executor> Trainer<E> {
         Ok(Some(sum / n))
     }
 
-    pub fn save(&self) -> Result<PathBuf, TrainError> {
-        Ok(checkpoint::save(&self.checkpoint_dir, &self.params, &self.opt.state_tensors(), &self.state, self.cfg.keep_checkpoints)?)
+    /// Write a checkpoint (bringing parameters and moments from the device first, if there).
+    pub fn save(&mut self) -> Result<PathBuf, TrainError> {
+        let moments = match self.exec.device_training() {
+            Some(dev) => {
+                self.params = dev.all_parameters()?;
+                dev.moments()?
+            }
+            None => self.opt.state_tensors(),
+        };
+        Ok(checkpoint::save(&self.checkpoint_dir, &self.params, &moments, &self.state, self.cfg.keep_checkpoints)?)
+    }
+
+    /// The current parameters (from the device when they live there).
+    pub fn parameters(&mut self) -> Result<&BTreeMap<String, Tensor>, TrainError> {
+        if let Some(dev) = self.exec.device_training() {
+            self.params = dev.all_parameters()?;
+        }
+        Ok(&self.params)
     }
 }
