@@ -35,6 +35,9 @@ pub struct Args {
     /// Time a training pass (forward, loss and backward) instead of inference.
     #[arg(long)]
     pub train: bool,
+    /// What `--backend cuda` measures: any of scans, inference (prefill and decode), training.
+    #[arg(long, value_delimiter = ',', default_value = "scans,inference,training")]
+    pub parts: Vec<String>,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {

@@ -18,6 +18,10 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 pub fn run(a: &Args) -> Result<()> {
+    if let Some(p) = a.parts.iter().find(|p| !["scans", "inference", "training"].contains(&p.as_str())) {
+        anyhow::bail!("--parts: unknown part `{p}` (use scans, inference, training)");
+    }
+    let part = |p: &str| a.parts.iter().any(|x| x == p);
     let gpu = Gpu::new(0)?;
     println!("sparkc bench — backend cuda on {} ({})", gpu.name, gpu.arch);
     let mut json = serde_json::Map::new();
@@ -50,7 +54,7 @@ pub fn run(a: &Args) -> Result<()> {
         Row { label: "PLIF row-param (input/output neuron), f32 in, bf16 out", case: case(&plif, &leak, vec![f32x], vec![bf16x], (-1.0, 1.0), 896, None), original: (3.18, 4.6) },
     ];
     let mut scans = Vec::new();
-    for r in &rows {
+    for r in rows.iter().filter(|_| part("scans")) {
         let (f, bwd) = time_scan(&gpu, &r.case, 20)?;
         println!(
             "  {:<62} {:>7} {:>8.3} {:>7.0} {:>8.3} {:>7.0}   (original {} / {} ms)",
@@ -67,11 +71,13 @@ pub fn run(a: &Args) -> Result<()> {
     // 2. Prefill and decode on the model of --config (random init), in both GEMM precisions.
     let params = init_params(&cfg, 0);
     let generation_graph = crate::backend::prepare_generation("cuda", graph)?;
-    for precision in [Precision::F32, Precision::Bf16] {
+    for precision in [Precision::F32, Precision::Bf16].into_iter().filter(|_| part("inference")) {
         let session = Session::new(GpuProgram::compile_with(Gpu::new(0)?, &generation_graph, precision)?, params.clone());
         model_timings(a, &cfg, session, precision, &mut json)?;
     }
-    training_step(a, &cfg, &params, &mut json)?;
+    if part("training") {
+        training_step(a, &cfg, &params, &mut json)?;
+    }
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&serde_json::Value::Object(json))?)?;
         println!("wrote {}", path.display());

@@ -9,8 +9,13 @@ extern "C" __global__ void sp_embedding(float* out, const float* table, const lo
     GRID_STRIDE(i, n * d) { out[i] = table[ids[i / d] * d + i % d]; }
 }
 
+/* Grid (columns of k·d, rows): 32-bit index math inside a row (a 64-bit division per element
+   made this several times slower than its bytes). */
 extern "C" __global__ void sp_repeat_frames(float* out, const float* x, long long n, int k, int d) {
-    GRID_STRIDE(i, n * k * d) { long long r = i / ((long long)k * d); out[i] = x[r * d + i % d]; }
+    const int kd = k * d;
+    for (long long r = blockIdx.y; r < n; r += gridDim.y)
+        for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < kd; e += gridDim.x * blockDim.x)
+            out[r * kd + e] = x[r * d + e % d];
 }
 
 extern "C" __global__ void sp_mean_frames(float* out, const float* x, long long n, int k, int d) {

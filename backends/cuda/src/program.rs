@@ -632,6 +632,11 @@ impl GpuProgram {
         match &node.op {
             Op::Scan { neuron, .. } | Op::ScanAdjoint { neuron, .. } => format!("{} {neuron} C={}", node.op.name(), width(self.graph.operands(n)[0])),
             Op::Linear { .. } | Op::LinearGradInput | Op::LinearGradWeight => format!("{} {}", node.op.name(), width(Value { node: n, port: 0 })),
+            Op::Map { expr } => {
+                let text = expr.to_string();
+                let short: String = text.chars().take(40).collect();
+                format!("map {}{} C={}", short, if short.len() < text.len() { "…" } else { "" }, width(Value { node: n, port: 0 }))
+            }
             op => op.name().to_string(),
         }
     }
@@ -861,7 +866,9 @@ impl GpuProgram {
             Op::RepeatFrames { .. } => {
                 let s = &shapes[0];
                 let (rows, k, d) = ((s[0] * s[1]) as i64, s[2] as i32, s[3] as i32);
-                launch!(self.f("sp_repeat_frames"), grid(out_n), &mut out, fl(0)?, &rows, &k, &d);
+                let kd = (k * d).max(1) as usize;
+                let cfg = LaunchConfig { grid_dim: (kd.div_ceil(256) as u32, (rows as usize).clamp(1, 65_535) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                launch!(self.f("sp_repeat_frames"), cfg, &mut out, fl(0)?, &rows, &k, &d);
             }
             Op::MeanFrames => {
                 let s = ins[0].shape();
