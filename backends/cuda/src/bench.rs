@@ -109,7 +109,7 @@ pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming
     let (model, emit, io) = (case.model, case.emit, &case.io);
     let (b, s, k, c) = (case.b, case.s, case.k, case.c);
     let tiled = case.simple_unroll.is_none() && scan_codegen::can_tile(model, c, io, gpu.max_smem);
-    let plan = scan_codegen::tile_plan(model, io);
+    let plan = scan_codegen::tile_plan(model, io, gpu.max_smem);
     let mut src = String::from(codegen::PRELUDE);
     if tiled {
         src.push_str(&scan_codegen::scan_forward_tiled("bench_fwd", model, emit, false, io, plan));
@@ -157,29 +157,28 @@ pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming
         Some(bytes) => LaunchConfig { grid_dim: ((b * c / scan_codegen::TILE_THREADS) as u32, 1, 1), block_dim: (scan_codegen::TILE_BLOCK as u32, 1, 1), shared_mem_bytes: bytes as u32 },
         None => LaunchConfig { grid_dim: ((b * c).div_ceil(128) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
     };
-    // The forward once with checkpoints, so that the reverse scan reads real ones.
-    {
-        let mut l = gpu.stream.launch_builder(&fwd);
-        inputs.iter_mut().for_each(|x| x.push(&mut l));
-        params.iter_mut().chain(init.iter_mut()).for_each(|x| { l.arg(x); });
-        outs.iter_mut().for_each(|x| x.push(&mut l));
-        fins.iter_mut().chain(ck.iter_mut()).for_each(|x| { l.arg(x); });
-        l.arg(&bi).arg(&si).arg(&ki).arg(&ci);
-        // SAFETY: the arguments follow the generated kernel's signature.
-        unsafe { drv!(l.launch(fwd_cfg)) };
-    }
-    let fwd_ms = median_ms(gpu, iters, || {
-        let mut l = gpu.stream.launch_builder(&fwd);
-        inputs.iter_mut().for_each(|x| x.push(&mut l));
-        params.iter_mut().chain(init.iter_mut()).for_each(|x| { l.arg(x); });
-        outs.iter_mut().for_each(|x| x.push(&mut l));
-        fins.iter_mut().for_each(|x| { l.arg(x); });
-        model.state.iter().for_each(|_| { l.arg(&null); });
-        l.arg(&bi).arg(&si).arg(&ki).arg(&ci);
-        // SAFETY: the arguments follow the generated kernel's signature.
-        unsafe { drv!(l.launch(fwd_cfg)) };
-        Ok(())
-    })?;
+    // The forward once with checkpoints, so that the reverse scan reads real ones; timed
+    // without (as inference runs it).
+    let fwd_ms = {
+        let mut launch_fwd = |with_ck: bool| -> Result<(), CudaError> {
+            let mut l = gpu.stream.launch_builder(&fwd);
+            inputs.iter_mut().for_each(|x| x.push(&mut l));
+            params.iter_mut().chain(init.iter_mut()).for_each(|x| { l.arg(x); });
+            outs.iter_mut().for_each(|x| x.push(&mut l));
+            fins.iter_mut().for_each(|x| { l.arg(x); });
+            if with_ck {
+                ck.iter_mut().for_each(|x| { l.arg(x); });
+            } else {
+                model.state.iter().for_each(|_| { l.arg(&null); });
+            }
+            l.arg(&bi).arg(&si).arg(&ki).arg(&ci);
+            // SAFETY: the arguments follow the generated kernel's signature.
+            unsafe { drv!(l.launch(fwd_cfg)) };
+            Ok(())
+        };
+        launch_fwd(true)?;
+        median_ms(gpu, iters, || launch_fwd(false))?
+    };
     let have_ck = 1i32;
     let bwd_ms = median_ms(gpu, iters, || {
         let mut l = gpu.stream.launch_builder(&bwd);

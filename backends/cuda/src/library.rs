@@ -118,21 +118,27 @@ extern "C" __global__ void sp_frame_weighted_sum(float* out, const float* x, con
 }
 
 /* One block per row: logsumexp(logits) - logits[target], 0 where ignored. */
-extern "C" __global__ void sp_cross_entropy(float* out, const float* logits, const long long* targets, int v, long long ignore) {
-    long long t = targets[blockIdx.x];
-    if (t == ignore) { if (threadIdx.x == 0) out[blockIdx.x] = 0.0f; return; }
-    const float* row = logits + (long long)blockIdx.x * v;
+/* A row's maximum and Σ exp(x − max) (in double), for the loss and its gradient. One block. */
+__device__ void sp_row_softmax_stats(const float* row, int v, double* maxv, double* sum) {
     __shared__ float mx[1024];
     float m = __int_as_float(0xff800000);
     for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, row[j]);
     mx[threadIdx.x] = m;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) { if (threadIdx.x < s) mx[threadIdx.x] = fmaxf(mx[threadIdx.x], mx[threadIdx.x + s]); __syncthreads(); }
-    double maxv = mx[0];
+    *maxv = mx[0];
     double acc = 0.0;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) acc += exp((double)row[j] - maxv);
-    double lse = maxv + log(sp_block_sum(acc));
-    if (threadIdx.x == 0) out[blockIdx.x] = (float)(lse - (double)row[t]);
+    for (int j = threadIdx.x; j < v; j += blockDim.x) acc += exp((double)row[j] - *maxv);
+    *sum = sp_block_sum(acc);
+}
+
+extern "C" __global__ void sp_cross_entropy(float* out, const float* logits, const long long* targets, int v, long long ignore) {
+    long long t = targets[blockIdx.x];
+    if (t == ignore) { if (threadIdx.x == 0) out[blockIdx.x] = 0.0f; return; }
+    const float* row = logits + (long long)blockIdx.x * v;
+    double maxv, sum;
+    sp_row_softmax_stats(row, v, &maxv, &sum);
+    if (threadIdx.x == 0) out[blockIdx.x] = (float)(maxv + log(sum) - (double)row[t]);
 }
 
 /* One block: out[0] = sum(x * mask) / sum(mask) (mask may be null: plain mean). */
@@ -289,16 +295,8 @@ extern "C" __global__ void sp_cross_entropy_grad(float* out, const float* dce, c
     float* o = out + (long long)blockIdx.x * v;
     if (t == ignore) { for (int j = threadIdx.x; j < v; j += blockDim.x) o[j] = 0.0f; return; }
     const float* row = logits + (long long)blockIdx.x * v;
-    __shared__ float mx[1024];
-    float m = __int_as_float(0xff800000);
-    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, row[j]);
-    mx[threadIdx.x] = m;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) { if (threadIdx.x < s) mx[threadIdx.x] = fmaxf(mx[threadIdx.x], mx[threadIdx.x + s]); __syncthreads(); }
-    double maxv = mx[0];
-    double acc = 0.0;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) acc += exp((double)row[j] - maxv);
-    double sum = sp_block_sum(acc);
+    double maxv, sum;
+    sp_row_softmax_stats(row, v, &maxv, &sum);
     double g = dce[blockIdx.x];
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
         double p = exp((double)row[j] - maxv) / sum;

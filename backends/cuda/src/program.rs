@@ -246,7 +246,7 @@ impl GpuProgram {
                     };
                     let c = node.results[0].shape.resolve(&graph.dims).dims().last().and_then(|d| d.as_const()).unwrap_or(0) as usize;
                     let k = if scan_codegen::can_tile(model, c, &io, gpu.max_smem) {
-                        let plan = scan_codegen::tile_plan(model, &io);
+                        let plan = scan_codegen::tile_plan(model, &io, gpu.max_smem);
                         tiled.insert(n, plan);
                         scan_codegen::scan_forward_tiled(PLACEHOLDER, model, emit, token, &io, plan)
                     } else {
@@ -452,6 +452,27 @@ impl GpuProgram {
             )
         }
         .map_err(|e| CudaError::Driver(format!("cuBLAS GemmEx: {e:?}")))
+    }
+
+    /// Column-major out(M×N) = op(W)·X for a linear layer's weight W (operand 1, O×I row-major,
+    /// leading dimension I; transposed in the forward, not in the input gradient) and its
+    /// activation X (operand 0, leading dimension `ldx`): bf16 GemmEx over the weight's bf16
+    /// copy when there is one, fp32 cuBLAS otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn weight_gemm(&self, n: NodeIndex, ins: &[&DevTensor], tw: bool, (mm, nn, kk): (usize, usize, usize), ldx: usize, out: &mut DevTensor, ldc: usize) -> Result<(), CudaError> {
+        let ldw = ins[1].shape()[1];
+        if let Some(w) = self.weight_bf16(n) {
+            let (xp, _keep) = self.bf16_operand(ins[0])?;
+            let wp = { use cudarc::driver::DevicePtr; w.device_ptr(&self.gpu.stream).0 };
+            return self.gemm_ex(tw, false, mm, nn, kk, wp, ldw, xp, ldx, out, ldc);
+        }
+        let op = if tw { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let cfg = GemmConfig { transa: op, transb: cublasOperation_t::CUBLAS_OP_N, m: mm as i32, n: nn as i32, k: kk as i32, alpha: 1.0f32, lda: ldw as i32, ldb: ldx as i32, beta: 0.0f32, ldc: ldc as i32 };
+        let (Some(w), Some(x), DevTensor::F32 { data: d, .. }) = (ins[1].f32(), ins[0].f32(), out) else {
+            return Err(CudaError::Unsupported("an fp32 GEMM reads and writes f32".into()));
+        };
+        // SAFETY: the buffers hold the matrices the dimensions and leading sizes describe.
+        unsafe { self.gpu.blas.gemm(cfg, w, x, d) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))
     }
 
     /// The bf16 copy of the weight operand (slot 1) of a linear layer or its input gradient,
@@ -892,16 +913,7 @@ impl GpuProgram {
                 }
                 if m > 0 && o > 0 && i > 0 {
                     // Row-major y[M,O] = x[M,I]·w[O,I]ᵀ is column-major yᵀ(O×M) = op(W)(O×I)·X(I×M).
-                    if let Some(w) = self.weight_bf16(n) {
-                        let (xp, _keep) = self.bf16_operand(ins[0])?;
-                        let wp = { use cudarc::driver::DevicePtr; w.device_ptr(st).0 };
-                        self.gemm_ex(true, false, o, m, i, wp, i, xp, i, &mut y, o)?;
-                    } else {
-                        let cfg = GemmConfig { transa: cublasOperation_t::CUBLAS_OP_T, transb: cublasOperation_t::CUBLAS_OP_N, m: o as i32, n: m as i32, k: i as i32, alpha: 1.0f32, lda: i as i32, ldb: i as i32, beta: 0.0f32, ldc: o as i32 };
-                        let DevTensor::F32 { data: yd, .. } = &mut y else { return Err(bad("an fp32 GEMM writes f32")) };
-                        // SAFETY: the buffers hold o·i, m·i and m·o floats as the config says.
-                        unsafe { self.gpu.blas.gemm(cfg, fl(1)?, fl(0)?, yd) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
-                    }
+                    self.weight_gemm(n, ins, true, (o, m, i), i, &mut y, o)?;
                 } else {
                     zero(st, &mut y)?;
                 }
@@ -1061,16 +1073,7 @@ impl GpuProgram {
                 let mut dx = self.alloc_value(result(0), &shapes[0])?;
                 if m > 0 && o > 0 && i > 0 {
                     // Column-major dxᵀ(I×M) = w'(I×O)·dy'(O×M).
-                    if let Some(w) = self.weight_bf16(n) {
-                        let (dyp, _keep) = self.bf16_operand(ins[0])?;
-                        let wp = { use cudarc::driver::DevicePtr; w.device_ptr(st).0 };
-                        self.gemm_ex(false, false, i, m, o, wp, i, dyp, o, &mut dx, i)?;
-                    } else {
-                        let cfg = GemmConfig { transa: cublasOperation_t::CUBLAS_OP_N, transb: cublasOperation_t::CUBLAS_OP_N, m: i as i32, n: m as i32, k: o as i32, alpha: 1.0f32, lda: i as i32, ldb: o as i32, beta: 0.0f32, ldc: i as i32 };
-                        let DevTensor::F32 { data: d, .. } = &mut dx else { return Err(bad("an fp32 GEMM writes f32")) };
-                        // SAFETY: w is o·i, dy is m·o and dx is m·i floats.
-                        unsafe { self.gpu.blas.gemm(cfg, fl(1)?, fl(0)?, d) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
-                    }
+                    self.weight_gemm(n, ins, false, (i, m, o), o, &mut dx, i)?;
                 } else {
                     zero(st, &mut dx)?;
                 }

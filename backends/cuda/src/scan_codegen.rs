@@ -107,7 +107,7 @@ pub struct TilePlan {
 /// Without prologue math the chain reads the copied tiles directly and a block synchronises
 /// once per tile, so longer tiles mean fewer barriers on the sequential path.
 /// `SPARKC_SCAN_TILE_STEPS` overrides the length (a multiple of 16), for tuning.
-pub fn tile_plan(model: &NeuronModel, io: &ScanIo) -> TilePlan {
+pub fn tile_plan(model: &NeuronModel, io: &ScanIo, max_smem: usize) -> TilePlan {
     let raw_row: usize = io.inputs.iter().map(|e| e.bytes() * TILE_THREADS).sum();
     let split = split_step(model);
     let direct = split.prologue.is_empty();
@@ -119,9 +119,9 @@ pub fn tile_plan(model: &NeuronModel, io: &ScanIo) -> TilePlan {
     if let Some(steps) = std::env::var("SPARKC_SCAN_TILE_STEPS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|s| *s >= 16 && s % 16 == 0) {
         return plan(steps);
     }
-    // Long tiles while shared memory stays modest (wide f32 inputs fall back to 16 steps).
+    // Long tiles where they fit (wide f32 inputs fall back to 16 steps).
     let long = plan(if direct { DIRECT_TILE_STEPS } else { PROLOGUE_TILE_STEPS });
-    if long.smem_bytes <= 160 * 1024 {
+    if long.smem_bytes <= max_smem {
         long
     } else {
         plan(TILE_STEPS)
@@ -131,7 +131,7 @@ pub fn tile_plan(model: &NeuronModel, io: &ScanIo) -> TilePlan {
 /// Whether the tiled kernel applies: every block's 128 channels lie in one batch row (each row
 /// of a tile is whole 16-byte chunks) and its shared memory fits.
 pub fn can_tile(model: &NeuronModel, c: usize, io: &ScanIo, max_smem: usize) -> bool {
-    c % TILE_THREADS == 0 && !io.inputs.is_empty() && tile_plan(model, io).smem_bytes <= max_smem
+    c % TILE_THREADS == 0 && !io.inputs.is_empty() && tile_plan(model, io, max_smem).smem_bytes <= max_smem
 }
 
 fn signature(name: &str, model: &NeuronModel, io: &ScanIo, launch_bounds: bool) -> String {
@@ -692,10 +692,19 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     raw.extend((0..emit.len()).map(|k| format!("g_{k}")).zip(out_grads.iter().copied()));
     let raw_names: Vec<String> = model.inputs.iter().map(|n| id(n)).chain(emit.iter().map(|o| id(&output_grad_name(o)))).collect();
     let (streamed, raw_stage) = stream_layout(&raw, l);
+    // Bindings of parameters only (β = σ(w)) are per-channel constants: the workers compute
+    // them once per tile and the chain once, instead of staging them per element.
+    let mut per_channel: std::collections::BTreeSet<String> = model.params.iter().cloned().collect();
+    for (n, e) in &split.parallel {
+        if e.vars().iter().all(|v| per_channel.contains(v)) {
+            per_channel.insert(n.clone());
+        }
+    }
+    let staged: Vec<String> = split.staged.iter().filter(|n| !per_channel.contains(*n)).cloned().collect();
     let sv_base = ns * raw_stage;
     let sv_stage = model.state.len() * l * t * 4;
     let st_base = sv_base + 2 * sv_stage;
-    let st_stage = split.staged.len() * l * t * 4;
+    let st_stage = staged.len().max(1) * l * t * 4;
     // The per-column kernel's signature, with the launch bounds of a tiled block.
     let sig_end = per_column.find(") {").ok_or("unexpected kernel text")?;
     let mut s = per_column[..sig_end + 3].replacen("__global__ void ", &format!("__global__ void __launch_bounds__({TILE_BLOCK}) "), 1);
@@ -763,24 +772,32 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     recompute_step(&mut recompute, "j");
     let _ = writeln!(recompute, "          }}\n          }}\n        }}\n      }}");
     // Every state-adjoint-independent binding, all elements of the tile in parallel.
+    // Workers are a multiple of the channel count, so each worker keeps one channel: its
+    // parameters and the bindings of parameters only (β = σ(w)) are computed once per tile,
+    // not per element (the reverse scan is bound by instruction issue).
     let workers = pt - t;
+    debug_assert!(workers % t == 0);
+    let par_vars: std::collections::BTreeSet<String> = split.parallel.iter().flat_map(|(_, e)| e.vars()).collect();
     let mut parallel = String::new();
     head(&mut parallel);
     let _ = writeln!(parallel, "        float* sg = (float*)(sp_smem + {st_base} + (it & 1) * {st_stage});");
-    let _ = writeln!(parallel, "        for (int e = pt - {t}; e < {l} * {t}; e += {workers}) {{");
-    let _ = writeln!(parallel, "          const int j = e / {t}, ch = e % {t};\n          if (s0 + j >= S) continue;\n          const int c = c0 + ch;");
-    load_raw(&mut parallel, "          ", "j", "ch");
-    let par_vars: std::collections::BTreeSet<String> = split.parallel.iter().flat_map(|(_, e)| e.vars()).collect();
+    let _ = writeln!(parallel, "        const int ch = (pt - {t}) % {t}, c = c0 + ch;");
     for n in model.params.iter().filter(|p| par_vars.contains(*p)) {
-        let _ = writeln!(parallel, "          const float {} = p_{}[c];", id(n), id(n));
+        let _ = writeln!(parallel, "        const float {} = p_{}[c];", id(n), id(n));
     }
+    for (n, e) in split.parallel.iter().filter(|(n, _)| per_channel.contains(n)) {
+        let _ = writeln!(parallel, "        const float {} = {};", id(n), expr(e, &|v| id(v)));
+    }
+    let _ = writeln!(parallel, "        for (int j = (pt - {t}) / {t}; j < {l}; j += {}) {{", workers / t);
+    let _ = writeln!(parallel, "          if (s0 + j >= S) continue;");
+    load_raw(&mut parallel, "          ", "j", "ch");
     for (k, st) in model.state.iter().enumerate() {
         let _ = writeln!(parallel, "          const float {} = sv[{} + j * {t} + ch];", id(&st.name), k * l * t);
     }
-    for (n, e) in &split.parallel {
+    for (n, e) in split.parallel.iter().filter(|(n, _)| !per_channel.contains(n)) {
         let _ = writeln!(parallel, "          const float {} = {};", id(n), expr(e, &|v| id(v)));
     }
-    for (k, n) in split.staged.iter().enumerate() {
+    for (k, n) in staged.iter().enumerate() {
         let _ = writeln!(parallel, "          sg[{} + j * {t} + ch] = {};", k * l * t, id(n));
     }
     let _ = writeln!(parallel, "        }}\n      }}");
@@ -800,9 +817,13 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     // Chain registers.
     let _ = writeln!(s, "  const long long col = col0 + (chain ? tid : 0);\n  const int c = c0 + (chain ? tid : 0);");
     let _ = writeln!(s, "  const long long base = (long long)b * S * C + c;");
-    let chain_vars: std::collections::BTreeSet<String> = split.chain.iter().flat_map(|(_, e)| e.vars()).collect();
-    for n in model.params.iter().filter(|p| chain_vars.contains(*p) && !split.staged.contains(p)) {
+    // Parameters and per-channel bindings, once: the chain reads every parameter (through
+    // its per-channel bindings or directly); unused ones cost a load at the start.
+    for n in &model.params {
         let _ = writeln!(s, "  const float {} = p_{}[c];", id(n), id(n));
+    }
+    for (n, e) in split.parallel.iter().filter(|(n, _)| per_channel.contains(n)) {
+        let _ = writeln!(s, "  const float {} = {};", id(n), expr(e, &|v| id(v)));
     }
     for st in &model.state {
         let _ = writeln!(s, "  float carry_{0} = chain ? gf_{0}[col] : 0.0f;", id(&st.name));
@@ -817,7 +838,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     // One step of the chain at `j` (a literal or the loop variable).
     let chain_step = |s: &mut String, j: &str| {
         let _ = writeln!(s, "      const long long at = base + (long long)step * C;");
-        for (k, n) in split.staged.iter().enumerate() {
+        for (k, n) in staged.iter().enumerate() {
             let _ = writeln!(s, "      const float {} = sg[{} + ({j}) * {t} + tid];", id(n), k * l * t);
         }
         for st in &model.state {
@@ -830,13 +851,17 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
             let _ = writeln!(s, "      sp_st(din_{}, at, {});", id(n), id(g));
         }
         for (n, g) in model.params.iter().zip(&split.step.param_grads) {
-            let _ = writeln!(s, "      acc_{} += (double){};", id(n), id(g));
+            let _ = writeln!(s, "      tacc_{} += {};", id(n), id(g));
         }
         for (st, g) in model.state.iter().zip(&split.step.state_grads) {
             let cut = if token_scope { "(step % K == 0) ? 0.0f : " } else { "" };
             let _ = writeln!(s, "      carry_{} = {cut}{};", id(&st.name), id(g));
         }
     };
+    // Parameter gradients: a float sum per tile, added to the double total once per tile.
+    for n in &model.params {
+        let _ = writeln!(s, "      float tacc_{} = 0.0f;", id(n));
+    }
     // As in the forward: a whole tile is straight-line code, the first (partial) tile a loop.
     let _ = writeln!(s, "      if (tl * {l} + {l} <= S) {{");
     for j in (0..l).rev() {
@@ -849,6 +874,9 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(s, "      const int step = tl * {l} + j;\n      if (step >= S) continue;");
     chain_step(&mut s, "j");
     let _ = writeln!(s, "      }}\n      }}");
+    for n in &model.params {
+        let _ = writeln!(s, "      acc_{0} += (double)tacc_{0};", id(n));
+    }
     let _ = writeln!(s, "    }} else {{");
     s.push_str(&at(ns, &issue));
     s.push_str(&wait_and_sync(ns - 2));
@@ -880,7 +908,7 @@ mod tests {
         assert!(src.contains(">= "), "{src}");
         assert!(src.contains("sp_sigmoid(v_w)"), "{src}");
         let io16 = ScanIo { inputs: vec![Elem::Bf16], outputs: vec![Elem::Bf16] };
-        let tiled = scan_forward_tiled("plif_tiled", &m, &emit, false, &io16, tile_plan(&m, &io16));
+        let tiled = scan_forward_tiled("plif_tiled", &m, &emit, false, &io16, tile_plan(&m, &io16, 227 * 1024));
         // `SHOW_KERNEL=1 cargo test -p sparkc-backend-cuda --lib -- --nocapture` prints the
         // generated kernels, for reading them.
         if std::env::var_os("SHOW_KERNEL").is_some() {
