@@ -9,13 +9,14 @@ extern "C" __global__ void sp_embedding(float* out, const float* table, const lo
     GRID_STRIDE(i, n * d) { out[i] = table[ids[i / d] * d + i % d]; }
 }
 
-/* Grid (columns of k·d, rows): 32-bit index math inside a row (a 64-bit division per element
-   made this several times slower than its bytes). */
+/* Grid (columns of d, rows): each thread reads one value and writes its k copies (a 64-bit
+   division per element made this several times slower than its bytes). */
 extern "C" __global__ void sp_repeat_frames(float* out, const float* x, long long n, int k, int d) {
-    const int kd = k * d;
     for (long long r = blockIdx.y; r < n; r += gridDim.y)
-        for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < kd; e += gridDim.x * blockDim.x)
-            out[r * kd + e] = x[r * d + e % d];
+        for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < d; c += gridDim.x * blockDim.x) {
+            const float v = x[r * d + c];
+            for (int f = 0; f < k; ++f) out[(r * k + f) * d + c] = v;
+        }
 }
 
 extern "C" __global__ void sp_mean_frames(float* out, const float* x, long long n, int k, int d) {
@@ -70,24 +71,34 @@ __device__ double sp_block_sum(double v) {
 }
 
 /* One block per row: x / sqrt(mean(x^2) + eps) * w. */
-extern "C" __global__ void sp_rms_norm(float* out, const float* x, const float* w, int d, double eps) {
-    const float* xr = x + (long long)blockIdx.x * d;
-    float* yr = out + (long long)blockIdx.x * d;
+/* Row kernels: one warp per row (8 rows per 256-thread block), lanes read the row
+   contiguously; sums in double as on the CPU. */
+__device__ __forceinline__ double sp_warp_sum(double v) {
+    for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(0xffffffffu, v, s);
+    return v;
+}
+#define WARP_ROW(r, rows) const long long r = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32; const int lane = threadIdx.x % 32; if (r >= (rows)) return;
+
+/* x / sqrt(mean(x^2) + eps) * w. */
+extern "C" __global__ void sp_rms_norm(float* out, const float* x, const float* w, long long rows, int d, double eps) {
+    WARP_ROW(r, rows)
+    const float* xr = x + r * d;
+    float* yr = out + r * d;
     double acc = 0.0;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) acc += (double)xr[j] * (double)xr[j];
-    double ms = sp_block_sum(acc) / d;
-    float inv = (float)(1.0 / sqrt(ms + eps));
-    for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = xr[j] * inv * w[j];
+    for (int j = lane; j < d; j += 32) acc += (double)xr[j] * (double)xr[j];
+    float inv = (float)(1.0 / sqrt(sp_warp_sum(acc) / d + eps));
+    for (int j = lane; j < d; j += 32) yr[j] = xr[j] * inv * w[j];
 }
 
 /* One block per row: x - mean(x). */
-extern "C" __global__ void sp_center_last(float* out, const float* x, int d) {
-    const float* xr = x + (long long)blockIdx.x * d;
-    float* yr = out + (long long)blockIdx.x * d;
+extern "C" __global__ void sp_center_last(float* out, const float* x, long long rows, int d) {
+    WARP_ROW(r, rows)
+    const float* xr = x + r * d;
+    float* yr = out + r * d;
     double acc = 0.0;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) acc += (double)xr[j];
-    float mean = (float)(sp_block_sum(acc) / d);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = xr[j] - mean;
+    for (int j = lane; j < d; j += 32) acc += (double)xr[j];
+    float mean = (float)(sp_warp_sum(acc) / d);
+    for (int j = lane; j < d; j += 32) yr[j] = xr[j] - mean;
 }
 
 /* PonderNet halting weights over K logits per row. */
@@ -230,18 +241,19 @@ extern "C" __global__ void sp_sum_frames(float* out, const float* x, long long n
 }
 
 /* One block per row: dx of y = x r w with r = (mean x^2 + eps)^-1/2; dw partial per row. */
-extern "C" __global__ void sp_rms_norm_grad(float* dx, float* dw_rows, const float* dy, const float* x, const float* w, int d, double eps) {
-    long long off = (long long)blockIdx.x * d;
+extern "C" __global__ void sp_rms_norm_grad(float* dx, float* dw_rows, const float* dy, const float* x, const float* w, long long rows, int d, double eps) {
+    WARP_ROW(row, rows)
+    long long off = row * d;
     double ss = 0.0, gx = 0.0;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    for (int j = lane; j < d; j += 32) {
         double xv = x[off + j];
         ss += xv * xv;
         gx += (double)dy[off + j] * (double)w[j] * xv;
     }
-    ss = sp_block_sum(ss);
-    gx = sp_block_sum(gx);
+    ss = sp_warp_sum(ss);
+    gx = sp_warp_sum(gx);
     double r = 1.0 / sqrt(ss / d + eps);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    for (int j = lane; j < d; j += 32) {
         double xv = x[off + j];
         dx[off + j] = (float)(r * (double)dy[off + j] * (double)w[j] - xv * r * r * r * gx / d);
         dw_rows[off + j] = (float)((double)dy[off + j] * xv * r);

@@ -173,6 +173,11 @@ pub(crate) fn grid(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// One warp per row, eight rows per block (the row kernels of the library).
+fn warp_rows(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 fn rows(rows: usize, width: usize) -> LaunchConfig {
     let threads = width.next_power_of_two().clamp(32, 256) as u32;
     LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
@@ -887,8 +892,7 @@ impl GpuProgram {
             Op::RepeatFrames { .. } => {
                 let s = &shapes[0];
                 let (rows, k, d) = ((s[0] * s[1]) as i64, s[2] as i32, s[3] as i32);
-                let kd = (k * d).max(1) as usize;
-                let cfg = LaunchConfig { grid_dim: (kd.div_ceil(256) as u32, (rows as usize).clamp(1, 65_535) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                let cfg = LaunchConfig { grid_dim: ((d.max(1) as usize).div_ceil(256) as u32, (rows as usize).clamp(1, 65_535) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                 launch!(self.f("sp_repeat_frames"), cfg, &mut out, fl(0)?, &rows, &k, &d);
             }
             Op::MeanFrames => {
@@ -928,12 +932,15 @@ impl GpuProgram {
                 let d = *shapes[0].last().unwrap_or(&1);
                 let r = out_n / d.max(1);
                 let di = d as i32;
-                launch!(self.f("sp_rms_norm"), rows(r, d), &mut out, fl(0)?, fl(1)?, &di, eps);
+                let rr = r as i64;
+                launch!(self.f("sp_rms_norm"), warp_rows(r), &mut out, fl(0)?, fl(1)?, &rr, &di, eps);
             }
             Op::CenterLast => {
                 let d = *shapes[0].last().unwrap_or(&1);
                 let di = d as i32;
-                launch!(self.f("sp_center_last"), rows(out_n / d.max(1), d), &mut out, fl(0)?, &di);
+                let r = out_n / d.max(1);
+                let rr = r as i64;
+                launch!(self.f("sp_center_last"), warp_rows(r), &mut out, fl(0)?, &rr, &di);
             }
             Op::Map { .. } => {
                 let name = &self.kernel_of[&n];
@@ -1134,7 +1141,8 @@ impl GpuProgram {
                 let mut dw_rows = self.alloc(out_n)?;
                 let mut dw = self.alloc(d)?;
                 let di = d as i32;
-                launch!(self.f("sp_rms_norm_grad"), rows(r, d), &mut out, &mut dw_rows, fl(0)?, fl(1)?, fl(2)?, &di, eps);
+                let rr = r as i64;
+                launch!(self.f("sp_rms_norm_grad"), warp_rows(r), &mut out, &mut dw_rows, fl(0)?, fl(1)?, fl(2)?, &rr, &di, eps);
                 self.sum_rows(&mut dw, &dw_rows, r, d)?;
                 return Ok(vec![wrap(out, &shapes[0]), wrap(dw, &shapes[1])]);
             }
