@@ -268,7 +268,7 @@ impl GpuProgram {
                     let in_grads: Vec<Elem> = (0..ni).map(|i| elem(Value { node: n, port: i as u32 })).collect();
                     let c = operands[0].node;
                     let c = graph.value_type(Value { node: c, port: operands[0].port }).shape.resolve(&graph.dims).dims().last().and_then(|d| d.as_const()).unwrap_or(0) as usize;
-                    let tile_bytes = scan_codegen::adjoint_tile_bytes(model, emit, &inputs, &out_grads, gpu.max_smem).filter(|_| c % scan_codegen::TILE_THREADS == 0);
+                    let tile_bytes = scan_codegen::adjoint_tile_bytes(model, emit, &inputs, &out_grads, gpu.max_smem).filter(|_| c.is_multiple_of(scan_codegen::TILE_THREADS));
                     let k = match tile_bytes {
                         Some(bytes) => {
                             tiled.insert(n, TilePlan { steps: 16, stages: 3, smem_bytes: bytes });
@@ -813,7 +813,7 @@ impl GpuProgram {
     fn scan_launch(&self, n: NodeIndex, bsz: usize, c: usize) -> Result<LaunchConfig, CudaError> {
         let cols = bsz * c;
         Ok(match self.tiled.get(&n) {
-            Some(plan) if c % scan_codegen::TILE_THREADS == 0 => LaunchConfig {
+            Some(plan) if c.is_multiple_of(scan_codegen::TILE_THREADS) => LaunchConfig {
                 grid_dim: ((cols / scan_codegen::TILE_THREADS).max(1) as u32, 1, 1),
                 block_dim: (scan_codegen::TILE_BLOCK as u32, 1, 1),
                 shared_mem_bytes: plan.smem_bytes as u32,

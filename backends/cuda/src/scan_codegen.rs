@@ -131,7 +131,7 @@ pub fn tile_plan(model: &NeuronModel, io: &ScanIo, max_smem: usize) -> TilePlan 
 /// Whether the tiled kernel applies: every block's 128 channels lie in one batch row (each row
 /// of a tile is whole 16-byte chunks) and its shared memory fits.
 pub fn can_tile(model: &NeuronModel, c: usize, io: &ScanIo, max_smem: usize) -> bool {
-    c % TILE_THREADS == 0 && !io.inputs.is_empty() && tile_plan(model, io, max_smem).smem_bytes <= max_smem
+    c.is_multiple_of(TILE_THREADS) && !io.inputs.is_empty() && tile_plan(model, io, max_smem).smem_bytes <= max_smem
 }
 
 fn signature(name: &str, model: &NeuronModel, io: &ScanIo, launch_bounds: bool) -> String {

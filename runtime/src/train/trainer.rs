@@ -104,12 +104,15 @@ pub enum Event {
     Checkpoint { step: u64, path: PathBuf },
 }
 
+/// Rewrites gradients in place, given the parameters.
+pub type GradRewrite = Box<dyn Fn(&mut BTreeMap<String, Tensor>, &BTreeMap<String, Tensor>) -> Result<(), String>>;
+
 /// Rewrites some gradients before clipping, given the parameters.
 pub struct GradHook {
     /// The gradients (and parameters) the rewrite reads and writes: when the gradients stay
     /// on the device, only these come to the host for it.
     pub keys: Vec<String>,
-    pub rewrite: Box<dyn Fn(&mut BTreeMap<String, Tensor>, &BTreeMap<String, Tensor>) -> Result<(), String>>,
+    pub rewrite: GradRewrite,
 }
 
 pub struct Trainer<E: Executor> {
