@@ -6,12 +6,13 @@
 //! A copy evaluates the same f32 operations on the same operands as its original, so on the CPU
 //! interpreter the recomputed training graph must give bit-identical losses and gradients.
 
-use sparkc_backend_cpu::CpuProgram;
+mod common;
+
+use common::{bits_equal, run};
 use sparkc_frontend::init::init_params;
 use sparkc_frontend::neuronspark::{build_graph, GraphOptions};
 use sparkc_frontend::NeuronSparkConfig;
 use sparkc_ir::rng::Rng;
-use sparkc_ir::tensor::TensorData;
 use sparkc_ir::types::DimBindings;
 use sparkc_ir::{parse_expr, Graph, NodeIndex, Op, Tensor, ValueType};
 use sparkc_passes::autodiff::{differentiate, GRAD_PREFIX};
@@ -28,38 +29,7 @@ fn training_graph(cfg: &NeuronSparkConfig) -> Graph {
 
 /// Random token ids and a mask of ones for B×T.
 fn random_inputs(g: &Graph, b: usize, t: usize, seed: u64, vocab: u64) -> BTreeMap<String, Tensor> {
-    let mut env = g.dims.clone();
-    env.insert("B".into(), b as u64);
-    env.insert("T".into(), t as u64);
-    let mut r = Rng::new(seed);
-    let mut inputs = BTreeMap::new();
-    for (_, name, ty) in g.inputs() {
-        let shape = ty.shape.concrete(&env).expect("all dims bound");
-        let n: usize = shape.iter().product();
-        let t = if ty.dtype.is_int() {
-            Tensor::i64(shape, (0..n).map(|_| 1 + r.below(vocab - 1) as i64).collect())
-        } else if name == "loss_mask" {
-            Tensor::f32(shape, vec![1.0; n])
-        } else {
-            Tensor::f32(shape, (0..n).map(|_| r.normal(0.0, 0.5) as f32).collect())
-        };
-        inputs.insert(name.to_string(), t);
-    }
-    inputs
-}
-
-fn run(g: &Graph, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
-    let p = CpuProgram::compile(g).unwrap_or_else(|e| panic!("compile: {e}"));
-    p.run(inputs, params).unwrap_or_else(|e| panic!("run: {e}"))
-}
-
-fn bits_equal(a: &Tensor, b: &Tensor) -> bool {
-    a.shape == b.shape
-        && match (&a.data, &b.data) {
-            (TensorData::F32(x), TensorData::F32(y)) => x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
-            (TensorData::I64(x), TensorData::I64(y)) => x == y,
-            _ => false,
-        }
+    common::random_inputs(g, b, t, &mut Rng::new(seed), vocab, 0.5)
 }
 
 fn recompute_count(g: &Graph) -> usize {

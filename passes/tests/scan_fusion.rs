@@ -10,15 +10,16 @@
 //! Random graphs are deterministic: proptest runs with a fixed seed and everything else comes
 //! from `sparkc_ir::rng::Rng` seeded by the generated spec.
 
+mod common;
+
+use common::{bits_equal, run, text};
 use proptest::prelude::*;
 use proptest::test_runner::{RngSeed, TestCaseError, TestRunner};
-use sparkc_backend_cpu::CpuProgram;
 use sparkc_frontend::init::init_params;
 use sparkc_frontend::neuronspark::{build_graph, GraphOptions};
 use sparkc_frontend::NeuronSparkConfig;
 use sparkc_ir::neuron::{self, Binding, FireCmp, NeuronModel, Reset, StateVar, Surrogate, SurrogateKind};
 use sparkc_ir::rng::Rng;
-use sparkc_ir::tensor::TensorData;
 use sparkc_ir::{parse_expr, BinOp, DType, Dim, Expr, Graph, Op, Shape, StateScope, Tensor, UnOp, Value, ValueType};
 use sparkc_passes::autodiff::{differentiate, GRAD_PREFIX};
 use sparkc_passes::scan_fusion::{fuse_scans, fuse_scans_with, FusionOptions, FusionReport};
@@ -31,24 +32,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 fn pe(src: &str) -> Expr {
     parse_expr(src).unwrap_or_else(|e| panic!("test expression `{src}`: {e}"))
-}
-
-fn text(g: &Graph) -> String {
-    sparkc_ir::text::print(g).unwrap_or_else(|e| format!("<graph does not print: {e}>"))
-}
-
-fn run(g: &Graph, inputs: &BTreeMap<String, Tensor>, params: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
-    let p = CpuProgram::compile(g).unwrap_or_else(|e| panic!("compile: {e}\n{}", text(g)));
-    p.run(inputs, params).unwrap_or_else(|e| panic!("run: {e}\n{}", text(g)))
-}
-
-fn bits_equal(a: &Tensor, b: &Tensor) -> bool {
-    a.shape == b.shape
-        && match (&a.data, &b.data) {
-            (TensorData::F32(x), TensorData::F32(y)) => x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
-            (TensorData::I64(x), TensorData::I64(y)) => x == y,
-            _ => false,
-        }
 }
 
 /// ‖a − b‖ / max(‖a‖, ‖b‖) in f64 (0 when both are zero).
@@ -105,23 +88,11 @@ fn state_ty() -> ValueType {
 /// Random data for every input and parameter of `g` (ids for integer inputs, a mask of ones for
 /// `loss_mask`), with the free dims B and T given.
 fn random_data(g: &Graph, b: usize, t: usize, seed: u64, vocab: u64) -> (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) {
+    let mut r = Rng::new(seed);
+    let inputs = common::random_inputs(g, b, t, &mut r, vocab, 0.7);
     let mut env = g.dims.clone();
     env.insert("B".into(), b as u64);
     env.insert("T".into(), t as u64);
-    let mut r = Rng::new(seed);
-    let mut inputs = BTreeMap::new();
-    for (_, name, ty) in g.inputs() {
-        let shape = ty.shape.concrete(&env).expect("all dims bound");
-        let n: usize = shape.iter().product();
-        let t = if ty.dtype.is_int() {
-            Tensor::i64(shape, (0..n).map(|_| 1 + r.below(vocab - 1) as i64).collect())
-        } else if name == "loss_mask" {
-            Tensor::f32(shape, vec![1.0; n])
-        } else {
-            Tensor::f32(shape, (0..n).map(|_| r.normal(0.0, 0.7) as f32).collect())
-        };
-        inputs.insert(name.to_string(), t);
-    }
     let mut params = BTreeMap::new();
     for (_, name, ty) in g.params() {
         let shape = ty.shape.concrete(&env).expect("all dims bound");
