@@ -149,7 +149,7 @@ pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming
     let (bi, si, ki, ci) = (b as i32, s as i32, k as i32, c as i32);
     let null = 0u64;
     let fwd_cfg = if tiled {
-        LaunchConfig { grid_dim: ((b * c / scan_codegen::TILE_THREADS) as u32, 1, 1), block_dim: (scan_codegen::TILE_BLOCK as u32, 1, 1), shared_mem_bytes: plan.smem_bytes as u32 }
+        LaunchConfig { grid_dim: ((b * c / plan.channels) as u32, 1, 1), block_dim: (plan.block_threads() as u32, 1, 1), shared_mem_bytes: plan.smem_bytes as u32 }
     } else {
         LaunchConfig { grid_dim: ((b * c).div_ceil(128) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
     };

@@ -40,6 +40,8 @@ pub struct Gpu {
     /// The most dynamic shared memory one block may ask for (227 KB on Hopper, 163 KB on
     /// A100, 99 KB on consumer parts): the tiled scans are planned within it.
     pub max_smem: usize,
+    /// Streaming multiprocessors.
+    pub sms: usize,
 }
 
 fn arch_name(major: i32, minor: i32) -> &'static str {
@@ -155,7 +157,10 @@ impl Gpu {
         let max_smem = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(|e| CudaError::Driver(format!("{e:?}")))? as usize;
-        Ok(Gpu { ctx, stream, blas, arch: arch_name(major, minor), name, max_smem })
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| CudaError::Driver(format!("{e:?}")))? as usize;
+        Ok(Gpu { ctx, stream, blas, arch: arch_name(major, minor), name, max_smem, sms })
     }
 
     /// Compile CUDA C to PTX (or take it from the cache) and load it, with IEEE arithmetic

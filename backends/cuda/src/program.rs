@@ -148,6 +148,9 @@ pub struct GpuProgram {
     taped: HashSet<NodeIndex>,
     /// Forward scans run by the tiled kernel, with its plan.
     tiled: HashMap<NodeIndex, TilePlan>,
+    /// Forward scans that also have a 64-channel-block kernel, for batches too small to give
+    /// every SM a 128-channel block.
+    narrow: HashMap<NodeIndex, (TilePlan, String)>,
     /// Carried values kept on the device between runs, when asked for.
     resident: Option<Resident>,
     /// No host round trip inside a run (no embedding gradient): a run can be captured.
@@ -215,6 +218,7 @@ impl GpuProgram {
         let tape_of = pair_reverse_scans(graph);
         let taped: HashSet<NodeIndex> = tape_of.values().copied().collect();
         let mut tiled = HashMap::new();
+        let mut narrow: HashMap<NodeIndex, (TilePlan, String)> = HashMap::new();
         let mut kernel_of: HashMap<NodeIndex, String> = HashMap::new();
         // Nodes with identical generated kernels share one (a training graph has hundreds of
         // identical gradient-accumulation maps, and every layer the same scans): the kernel is
@@ -253,6 +257,10 @@ impl GpuProgram {
                     let k = if scan_codegen::can_tile(model, c, &io, gpu.max_smem) {
                         let plan = scan_codegen::tile_plan(model, &io, gpu.max_smem);
                         tiled.insert(n, plan);
+                        if let Some(p) = scan_codegen::narrow_tile_plan(model, c, &io, gpu.max_smem) {
+                            let k = scan_codegen::scan_forward_tiled(PLACEHOLDER, model, emit, token, &io, p);
+                            narrow.insert(n, (p, add_kernel("scan", k)));
+                        }
                         scan_codegen::scan_forward_tiled(PLACEHOLDER, model, emit, token, &io, plan)
                     } else {
                         scan_codegen::scan_forward_simple(PLACEHOLDER, model, emit, token, &io, scan_codegen::scan_unroll(model))
@@ -271,7 +279,7 @@ impl GpuProgram {
                     let tile_bytes = scan_codegen::adjoint_tile_bytes(model, emit, &inputs, &out_grads, gpu.max_smem).filter(|_| c.is_multiple_of(scan_codegen::TILE_THREADS));
                     let k = match tile_bytes {
                         Some(bytes) => {
-                            tiled.insert(n, TilePlan { steps: 16, stages: 3, smem_bytes: bytes });
+                            tiled.insert(n, TilePlan { steps: 16, stages: 3, smem_bytes: bytes, channels: scan_codegen::TILE_THREADS });
                             scan_codegen::scan_adjoint_tiled(PLACEHOLDER, model, emit, token, &inputs, &out_grads, &in_grads)
                         }
                         None => scan_codegen::scan_adjoint_chunked(PLACEHOLDER, model, emit, token, &inputs, &out_grads, &in_grads),
@@ -312,9 +320,10 @@ impl GpuProgram {
             let f = module.load_function(&name).map_err(|e| CudaError::Driver(format!("kernel {name}: {e:?}")))?;
             kernels.insert(name, f);
         }
-        for (n, plan) in &tiled {
+        let plans = tiled.iter().map(|(n, plan)| (plan, &kernel_of[n])).chain(narrow.values().map(|(plan, k)| (plan, k)));
+        for (plan, kernel) in plans {
             // More than 48 KB of dynamic shared memory must be asked for per kernel.
-            let f = &kernels[&kernel_of[n]];
+            let f = &kernels[kernel];
             f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, plan.smem_bytes as i32)
                 .map_err(|e| CudaError::Driver(format!("shared memory for the tiled scan: {e:?}")))?;
         }
@@ -333,6 +342,7 @@ impl GpuProgram {
             tape_of,
             taped,
             tiled,
+            narrow,
             resident: None,
             capturable: !graph.g.node_indices().any(|n| matches!(graph.node(n).op, Op::EmbeddingGrad)),
             params: BTreeMap::new(),
@@ -813,14 +823,19 @@ impl GpuProgram {
     fn scan_launch(&self, n: NodeIndex, bsz: usize, c: usize) -> Result<LaunchConfig, CudaError> {
         let cols = bsz * c;
         Ok(match self.tiled.get(&n) {
-            Some(plan) if c.is_multiple_of(scan_codegen::TILE_THREADS) => LaunchConfig {
-                grid_dim: ((cols / scan_codegen::TILE_THREADS).max(1) as u32, 1, 1),
-                block_dim: (scan_codegen::TILE_BLOCK as u32, 1, 1),
-                shared_mem_bytes: plan.smem_bytes as u32,
-            },
+            Some(plan) if c.is_multiple_of(plan.channels) => self.tiled_launch(plan, cols),
             Some(_) => return Err(CudaError::Input(format!("`{}`: the tiled scan needs a multiple of 128 channels, got {c}", self.graph.node(n).name))),
             None => LaunchConfig { grid_dim: (cols.div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
         })
+    }
+
+    /// A block of `plan.block_threads()` per `plan.channels` of the `cols` columns.
+    fn tiled_launch(&self, plan: &TilePlan, cols: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((cols / plan.channels).max(1) as u32, 1, 1),
+            block_dim: (plan.block_threads() as u32, 1, 1),
+            shared_mem_bytes: plan.smem_bytes as u32,
+        }
     }
 
     /// out[j] = Σ_r x[r·n + j]. Many rows are split into chunks summed in parallel first
@@ -981,7 +996,11 @@ impl GpuProgram {
                 };
                 let null = 0u64;
                 let (bi, si, ki, ci) = (bsz as i32, steps as i32, s[2] as i32, c as i32);
-                let mut b = st.launch_builder(self.f(&self.kernel_of[&n]));
+                let (kernel, cfg) = match self.narrow.get(&n) {
+                    Some((plan, k)) if (bsz * c).div_ceil(plan.channels) <= self.gpu.sms => (k, self.tiled_launch(plan, bsz * c)),
+                    _ => (&self.kernel_of[&n], self.scan_launch(n, bsz, c)?),
+                };
+                let mut b = st.launch_builder(self.f(kernel));
                 for (i, t) in ins.iter().enumerate() {
                     if t.elem().is_none() {
                         return Err(bad(&format!("scan operand {i} must be floating point")));
@@ -1007,7 +1026,6 @@ impl GpuProgram {
                 b.arg(&si);
                 b.arg(&ki);
                 b.arg(&ci);
-                let cfg = self.scan_launch(n, bsz, c)?;
                 // SAFETY: the generated kernel's parameters are exactly these buffers and sizes.
                 unsafe { drv!(b.launch(cfg)) };
                 drop(b);

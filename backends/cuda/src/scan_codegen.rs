@@ -102,19 +102,40 @@ pub struct TilePlan {
     pub steps: usize,
     pub stages: usize,
     pub smem_bytes: usize,
+    /// Channels per block (one chain thread each); the block has 8× as many threads.
+    pub channels: usize,
+}
+
+impl TilePlan {
+    pub fn block_threads(&self) -> usize {
+        8 * self.channels
+    }
 }
 
 /// Without prologue math the chain reads the copied tiles directly and a block synchronises
 /// once per tile, so longer tiles mean fewer barriers on the sequential path.
 /// `SPARKC_SCAN_TILE_STEPS` overrides the length (a multiple of 16), for tuning.
 pub fn tile_plan(model: &NeuronModel, io: &ScanIo, max_smem: usize) -> TilePlan {
-    let raw_row: usize = io.inputs.iter().map(|e| e.bytes() * TILE_THREADS).sum();
+    tile_plan_for(model, io, max_smem, TILE_THREADS)
+}
+
+/// A plan with 64-channel blocks (512 threads) for a forward scan with prologue math, when
+/// the channels allow it: a batch too small to give every SM a 128-channel block (prefill at
+/// B=1 has 56 blocks for 132 SMs) spreads the prologue over twice as many SMs.
+pub fn narrow_tile_plan(model: &NeuronModel, c: usize, io: &ScanIo, max_smem: usize) -> Option<TilePlan> {
+    let narrow = TILE_THREADS / 2;
+    let plan = tile_plan_for(model, io, max_smem, narrow);
+    (c.is_multiple_of(narrow) && !io.inputs.is_empty() && !split_step(model).prologue.is_empty() && plan.smem_bytes <= max_smem).then_some(plan)
+}
+
+fn tile_plan_for(model: &NeuronModel, io: &ScanIo, max_smem: usize, channels: usize) -> TilePlan {
+    let raw_row: usize = io.inputs.iter().map(|e| e.bytes() * channels).sum();
     let split = split_step(model);
     let direct = split.prologue.is_empty();
     let plan = |steps: usize| {
         let stages = raw_stages(steps * raw_row);
-        let pro = if direct { 0 } else { 2 * split.staged.len() * steps * TILE_THREADS * 4 };
-        TilePlan { steps, stages, smem_bytes: stages * steps * raw_row + pro }
+        let pro = if direct { 0 } else { 2 * split.staged.len() * steps * channels * 4 };
+        TilePlan { steps, stages, smem_bytes: stages * steps * raw_row + pro, channels }
     };
     if let Some(steps) = std::env::var("SPARKC_SCAN_TILE_STEPS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|s| *s >= 16 && s % 16 == 0) {
         return plan(steps);
@@ -268,11 +289,11 @@ struct Streamed {
 }
 
 /// Lay out per-step tensors of the given storage (and pointer names) in one stage of `l` rows.
-fn stream_layout(tensors: &[(String, Elem)], l: usize) -> (Vec<Streamed>, usize) {
+fn stream_layout(tensors: &[(String, Elem)], l: usize, channels: usize) -> (Vec<Streamed>, usize) {
     let mut off = 0;
     let mut out = Vec::new();
     for (ptr, e) in tensors {
-        let row_bytes = e.bytes() * TILE_THREADS;
+        let row_bytes = e.bytes() * channels;
         out.push(Streamed { ptr: ptr.clone(), row_bytes, offset: off });
         off += row_bytes * l;
     }
@@ -283,8 +304,8 @@ fn stream_layout(tensors: &[(String, Elem)], l: usize) -> (Vec<Streamed>, usize)
 /// variable that counts tiles in the order they are consumed (its stage is `iter % stages`),
 /// `prelude` statements may define `tile`, the C expression of the tile's index in time. An
 /// empty group past the end keeps the wait counts uniform.
-fn issue_copies(streamed: &[Streamed], iter: &str, prelude: &str, tile: &str, stages: usize, l: usize, stage_bytes: usize) -> String {
-    let pt = PROLOGUE_THREADS;
+#[allow(clippy::too_many_arguments)]
+fn issue_copies(streamed: &[Streamed], iter: &str, prelude: &str, tile: &str, stages: usize, l: usize, stage_bytes: usize, pt: usize) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "      if ({iter} < ntiles) {{");
     s.push_str(prelude);
@@ -349,14 +370,15 @@ pub fn scan_forward_simple(name: &str, model: &NeuronModel, emit: &[String], tok
 /// threads in the whole scan, this is what keeps the memory system and the SMs busy.
 /// Same signature as [`scan_forward_simple`]; needs `plan.smem_bytes` of dynamic shared memory.
 pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool, io: &ScanIo, plan: TilePlan) -> String {
-    let (l, ns, t, pt) = (plan.steps, plan.stages, TILE_THREADS, PROLOGUE_THREADS);
+    let (l, ns, t) = (plan.steps, plan.stages, plan.channels);
+    let (block, pt) = (plan.block_threads(), plan.block_threads() - plan.channels);
     let split = split_step(model);
     let given: std::collections::BTreeSet<String> = split.constant.iter().chain(&split.prologue).map(|b| b.name.clone()).collect();
     let inputs: Vec<(String, Elem)> = model.inputs.iter().map(|n| format!("in_{}", ident(n))).zip(io.inputs.iter().copied()).collect();
-    let (streamed, raw_stage) = stream_layout(&inputs, l);
+    let (streamed, raw_stage) = stream_layout(&inputs, l, t);
     let pro_base = ns * raw_stage;
     let pro_stage = split.staged.len() * l * t * 4;
-    let mut s = signature(name, model, io, false).replacen("__global__ void ", &format!("__global__ void __launch_bounds__({TILE_BLOCK}) "), 1);
+    let mut s = signature(name, model, io, false).replacen("__global__ void ", &format!("__global__ void __launch_bounds__({block}) "), 1);
     s.push_str(" {\n");
     let _ = writeln!(s, "  extern __shared__ __align__(16) unsigned char sp_smem[];");
     let _ = writeln!(s, "  const int tid = threadIdx.x;");
@@ -366,7 +388,7 @@ pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(s, "  const int b = (int)(col0 / C), c0 = (int)(col0 % C);");
     let _ = writeln!(s, "  const long long tile_base = (long long)b * S * C + c0;");
     let _ = writeln!(s, "  const int ntiles = (S + {l} - 1) / {l};");
-    let issue = issue_copies(&streamed, "tt", "", "tt", ns, l, raw_stage);
+    let issue = issue_copies(&streamed, "tt", "", "tt", ns, l, raw_stage, pt);
     // The prologue of tile `tt`: every (step, channel) of the tile in parallel.
     let mut pro = String::new();
     let _ = writeln!(pro, "      {{");
@@ -691,7 +713,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let mut raw: Vec<(String, Elem)> = model.inputs.iter().map(|n| format!("in_{}", id(n))).zip(inputs.iter().copied()).collect();
     raw.extend((0..emit.len()).map(|k| format!("g_{k}")).zip(out_grads.iter().copied()));
     let raw_names: Vec<String> = model.inputs.iter().map(|n| id(n)).chain(emit.iter().map(|o| id(&output_grad_name(o)))).collect();
-    let (streamed, raw_stage) = stream_layout(&raw, l);
+    let (streamed, raw_stage) = stream_layout(&raw, l, t);
     // Bindings of parameters only (β = σ(w)) are per-channel constants: the workers compute
     // them once per tile and the chain once, instead of staging them per element.
     let mut per_channel: std::collections::BTreeSet<String> = model.params.iter().cloned().collect();
@@ -725,7 +747,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     s.push_str(&checkpoint_pass(model, token_scope));
     let _ = writeln!(s, "  }}\n  __syncthreads();");
     // Worker pieces: copies of iteration `it`'s tile, then its recompute and parallel part.
-    let issue = issue_copies(&streamed, "it", "        const int tl = ntiles - 1 - it;\n", "tl", ns, l, raw_stage);
+    let issue = issue_copies(&streamed, "it", "        const int tl = ntiles - 1 - it;\n", "tl", ns, l, raw_stage, pt);
     let load_raw = |s: &mut String, indent: &str, j: &str, ch: &str| {
         for (name, ((_, e), x)) in raw_names.iter().zip(raw.iter().zip(&streamed)) {
             let _ = writeln!(s, "{indent}const float {name} = sp_ld((const {}*)(stg + {} + ({j}) * {}), {ch});", e.c_type(), x.offset, x.row_bytes);
