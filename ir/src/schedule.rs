@@ -58,8 +58,8 @@ impl Graph {
 
         // Frontier of a recompute node: the plain nodes it reads through chains of recompute
         // nodes. It must have run before the recompute node can.
-        let mut frontier: HashMap<NodeIndex, BTreeSet<NodeIndex>> = HashMap::new();
-        for &n in topo.iter().filter(|&&n| is_rc(n)) {
+        // The plain nodes `n` reads directly or through recompute nodes already in `frontier`.
+        let reads = |n: NodeIndex, frontier: &HashMap<NodeIndex, BTreeSet<NodeIndex>>| -> BTreeSet<NodeIndex> {
             let mut f = BTreeSet::new();
             for v in self.operands(n) {
                 match frontier.get(&v.node) {
@@ -69,6 +69,11 @@ impl Graph {
                     }
                 }
             }
+            f
+        };
+        let mut frontier: HashMap<NodeIndex, BTreeSet<NodeIndex>> = HashMap::new();
+        for &n in topo.iter().filter(|&&n| is_rc(n)) {
+            let f = reads(n, &frontier);
             frontier.insert(n, f);
         }
 
@@ -77,15 +82,7 @@ impl Graph {
         let mut deps: HashMap<NodeIndex, BTreeSet<NodeIndex>> = HashMap::new();
         let mut dependents: HashMap<NodeIndex, Vec<NodeIndex>> = HashMap::new();
         for &n in topo.iter().filter(|&&n| !is_rc(n)) {
-            let mut d = BTreeSet::new();
-            for v in self.operands(n) {
-                match frontier.get(&v.node) {
-                    Some(up) => d.extend(up.iter().copied()),
-                    None => {
-                        d.insert(v.node);
-                    }
-                }
-            }
+            let d = reads(n, &frontier);
             for &p in &d {
                 dependents.entry(p).or_default().push(n);
             }
