@@ -327,10 +327,12 @@ pub fn run(a: Args) -> Result<()> {
     let mut steps_here = 0;
     let mut first_loss = None;
     let mut last_loss = f64::NAN;
+    let mut step_secs = Vec::new();
     while trainer.state.step < tcfg.steps {
         let t0 = Instant::now();
         let e = trainer.step()?;
         let dt = t0.elapsed().as_secs_f64();
+        step_secs.push(dt);
         let Event::Step { step, loss, tokens, lr, .. } = e else { unreachable!("step reports a step") };
         let tps = tokens as f64 / dt;
         metrics.step(&e, tps, start.elapsed().as_secs_f64())?;
@@ -370,14 +372,26 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(latest) = checkpoint::latest(&ckpt_dir) {
         std::fs::copy(checkpoint::weights_path(&latest), a.out.join("model.safetensors"))?;
     }
+    // The typical step: the median after the first (which compiles on a GPU), without
+    // evaluation and checkpoints.
+    let steady = {
+        let mut later: Vec<f64> = step_secs.iter().skip(1).copied().collect();
+        later.sort_by(f64::total_cmp);
+        later.get(later.len() / 2).copied()
+    };
+    let step_tokens = (tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len) as f64;
     let summary = serde_json::json!({
         "steps": trainer.state.step, "steps_this_run": done, "seconds": secs,
         "tokens_seen": trainer.state.tokens_seen,
         "tokens_per_second": trainer.state.tokens_seen as f64 / secs.max(1e-9) * done as f64 / trainer.state.step.max(1) as f64,
+        "median_step_seconds": steady, "median_step_tokens_per_second": steady.map(|s| step_tokens / s),
         "first_loss": first_loss, "final_loss": last_loss, "final_eval_loss": last_eval,
     });
     std::fs::write(a.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
-    println!("trained {done} steps in {secs:.1} s ({:.0} tokens/s)", (done as f64 * (tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len) as f64) / secs.max(1e-9));
+    println!("trained {done} steps in {secs:.1} s ({:.0} tokens/s overall)", done as f64 * step_tokens / secs.max(1e-9));
+    if let Some(s) = steady {
+        println!("a step takes {:.0} ms ({:.0} tokens/s): median after the first, without evaluation and checkpoints", s * 1e3, step_tokens / s);
+    }
     if let Some(f) = first_loss {
         println!("loss {f:.4} → {last_loss:.4}{}", last_eval.map(|l| format!(", held-out {l:.4}")).unwrap_or_default());
     }
