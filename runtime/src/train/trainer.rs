@@ -118,6 +118,8 @@ pub struct GradHook {
 pub struct Trainer<E: Executor> {
     exec: E,
     pub cfg: TrainConfig,
+    /// The parameters as of the last checkpoint when training on a device (which holds the
+    /// current ones): read them through [`Trainer::parameters`].
     pub params: BTreeMap<String, Tensor>,
     groups: BTreeMap<String, Group>,
     opt: Adam,
