@@ -90,9 +90,7 @@ fn state_ty() -> ValueType {
 fn random_data(g: &Graph, b: usize, t: usize, seed: u64, vocab: u64) -> (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) {
     let mut r = Rng::new(seed);
     let inputs = common::random_inputs(g, b, t, &mut r, vocab, 0.7);
-    let mut env = g.dims.clone();
-    env.insert("B".into(), b as u64);
-    env.insert("T".into(), t as u64);
+    let env = common::dims_bt(g, b, t);
     let mut params = BTreeMap::new();
     for (_, name, ty) in g.params() {
         let shape = ty.shape.concrete(&env).expect("all dims bound");

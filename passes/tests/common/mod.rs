@@ -12,9 +12,7 @@ use std::collections::BTreeMap;
 /// Random data for every input of `g` with the free dims B and T given: ids in 1..vocab for
 /// integer inputs, ones for `loss_mask`, N(0, spread) otherwise; drawn from `r` in input order.
 pub fn random_inputs(g: &Graph, b: usize, t: usize, r: &mut Rng, vocab: u64, spread: f64) -> BTreeMap<String, Tensor> {
-    let mut env = g.dims.clone();
-    env.insert("B".into(), b as u64);
-    env.insert("T".into(), t as u64);
+    let env = dims_bt(g, b, t);
     let mut inputs = BTreeMap::new();
     for (_, name, ty) in g.inputs() {
         let shape = ty.shape.concrete(&env).expect("all dims bound");
@@ -29,6 +27,14 @@ pub fn random_inputs(g: &Graph, b: usize, t: usize, r: &mut Rng, vocab: u64, spr
         inputs.insert(name.to_string(), t);
     }
     inputs
+}
+
+/// The graph's fixed dims with B and T bound.
+pub fn dims_bt(g: &Graph, b: usize, t: usize) -> sparkc_ir::types::DimBindings {
+    let mut env = g.dims.clone();
+    env.insert("B".into(), b as u64);
+    env.insert("T".into(), t as u64);
+    env
 }
 
 /// The IR text of `g`, for failure messages.
