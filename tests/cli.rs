@@ -273,6 +273,9 @@ fn bad_inputs_fail_with_a_message_and_no_panic() {
     assert_failed_cleanly(&r, "spiky");
     let r = sparkc(&["generate", "--config", "tiny", "--init-seed", "0", "--prompt-tensor", &format!("{io}:nope"), "--max-new-tokens", "2"]);
     assert_failed_cleanly(&r, "nope");
+    // An unknown benchmark part is refused before any GPU is needed.
+    let r = sparkc(&["bench", "--backend", "cuda", "--parts", "scans,nonsense"]);
+    assert_failed_cleanly(&r, "nonsense");
 }
 
 /// The README's main job, shortened: train, inspect and generate run end to end and leave a

@@ -31,8 +31,10 @@ pub fn run(a: &Args) -> Result<()> {
     let graph = build_graph(&cfg, &GraphOptions::default())?;
     let fused_graph = crate::backend::prepare("cuda", graph.clone())?;
     let fused = fused_selective_model(&fused_graph)?;
-    println!("\nneuron scans at B=2, S=8176 (511 tokens x 16 frames), generated from the neuron models; original: spec §9");
-    println!("  {:<62} {:>7} {:>8} {:>7} {:>8} {:>7}", "scan", "columns", "fwd ms", "GB/s", "bwd ms", "GB/s");
+    if part("scans") {
+        println!("\nneuron scans at B=2, S=8176 (511 tokens x 16 frames), generated from the neuron models; original: spec §9");
+        println!("  {:<62} {:>7} {:>8} {:>7} {:>8} {:>7}", "scan", "columns", "fwd ms", "GB/s", "bwd ms", "GB/s");
+    }
     let (f32x, bf16x) = (Elem::F32, Elem::Bf16);
     let sel = neuron::selective_plif();
     let plif = neuron::plif();
@@ -66,7 +68,9 @@ pub fn run(a: &Args) -> Result<()> {
             "original_forward_ms": r.original.0, "original_backward_ms": r.original.1,
         }));
     }
-    json.insert("scans".into(), scans.into());
+    if part("scans") {
+        json.insert("scans".into(), scans.into());
+    }
 
     // 2. Prefill and decode on the model of --config (random init), in both GEMM precisions.
     let params = init_params(&cfg, 0);
@@ -163,8 +167,7 @@ fn fused_selective_model(g: &sparkc_ir::Graph) -> Result<sparkc_ir::neuron::Neur
 /// recompute, gradients accumulated, compensated, clipped and applied by AdamW on the device.
 /// Also the pool's peak memory over those steps.
 fn training_step(a: &Args, cfg: &sparkc_frontend::NeuronSparkConfig, params: &BTreeMap<String, Tensor>, json: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
-    use sparkc_frontend::neuronspark::{compensate_gradients, compensated_keys};
-    use sparkc_runtime::train::{data::PackedData, optim::OptimizerKind, GradHook, TrainConfig, Trainer};
+    use sparkc_runtime::train::{data::PackedData, optim::OptimizerKind, TrainConfig, Trainer};
     let (b, t) = (2usize, a.tokens);
     let built = build_graph(cfg, &GraphOptions { with_loss: true, ..Default::default() })?;
     let graph = crate::backend::prepare_training("cuda", built, "total_loss")?;
@@ -175,8 +178,7 @@ fn training_step(a: &Args, cfg: &sparkc_frontend::NeuronSparkConfig, params: &BT
     let text = sparkc_frontend::corpus::synthetic(0, (b * (t + 1) * 8).max(100_000));
     let data = PackedData::new(text.bytes().map(u32::from).collect(), t, 0.0).map_err(anyhow::Error::msg)?;
     let neuron: Vec<String> = sparkc_frontend::params::param_specs(cfg).into_iter().filter(|s| s.neuron_group).map(|s| s.key).collect();
-    let cfg2 = cfg.clone();
-    let hook = GradHook { keys: compensated_keys(cfg), rewrite: Box::new(move |g, p| compensate_gradients(g, p, &cfg2, 100.0)) };
+    let hook = super::train::compensation_hook(cfg, 100.0);
     let dir = std::env::temp_dir().join(format!("sparkc-bench-train-{}", std::process::id()));
     let exec: Box<dyn sparkc_runtime::Executor> = Box::new(prog);
     let mut trainer = Trainer::new(exec, params.clone(), &neuron, data, tcfg, cfg.to_json(), Some(hook), &dir)?;

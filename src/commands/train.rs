@@ -280,6 +280,12 @@ impl Metrics {
     }
 }
 
+/// NeuronSpark's natural-gradient compensation (spec §7) as a trainer hook.
+pub fn compensation_hook(cfg: &sparkc_frontend::NeuronSparkConfig, c_max: f64) -> GradHook {
+    let cfg2 = cfg.clone();
+    GradHook { keys: compensated_keys(cfg), rewrite: Box::new(move |g, p| compensate_gradients(g, p, &cfg2, c_max)) }
+}
+
 pub fn run(a: Args) -> Result<()> {
     let (file, tcfg) = resolve(&a)?;
     let cfg = load_config(file.model.as_deref().unwrap_or("tiny"), None)?;
@@ -292,12 +298,7 @@ pub fn run(a: Args) -> Result<()> {
     let graph = crate::backend::prepare_training(&a.backend, graph, "total_loss")?;
     let program = crate::backend::executor(&a.backend, &a.precision, &graph)?;
     let neuron: Vec<String> = param_specs(&cfg).into_iter().filter(|s| s.neuron_group).map(|s| s.key).collect();
-    let hook: Option<GradHook> = if tcfg.compensate {
-        let (cfg2, c_max) = (cfg.clone(), tcfg.c_max);
-        Some(GradHook { keys: compensated_keys(&cfg), rewrite: Box::new(move |g, p| compensate_gradients(g, p, &cfg2, c_max)) })
-    } else {
-        None
-    };
+    let hook = tcfg.compensate.then(|| compensation_hook(&cfg, tcfg.c_max));
     std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
     let ckpt_dir = a.out.join("checkpoints");
     let mut trainer = Trainer::new(program, params, &neuron, data, tcfg.clone(), cfg.to_json(), hook, &ckpt_dir)?;

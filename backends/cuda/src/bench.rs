@@ -22,12 +22,6 @@ impl ScanTiming {
     }
 }
 
-macro_rules! drv {
-    ($e:expr) => {
-        $e.map_err(|e| CudaError::Driver(format!("{e:?}")))?
-    };
-}
-
 fn random(gpu: &Gpu, n: usize, lo: f32, hi: f32, seed: u64) -> Result<CudaSlice<f32>, CudaError> {
     let mut rng = Rng::new(seed);
     let host: Vec<f32> = (0..n).map(|_| lo + (hi - lo) * rng.uniform() as f32).collect();

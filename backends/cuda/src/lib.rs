@@ -3,6 +3,13 @@
 //! it at run time with NVRTC (PTX cached on disk by a hash of source and GPU architecture) and
 //! runs GEMMs through cuBLAS. Libraries are loaded dynamically, so building needs no CUDA.
 
+/// A driver call's error as `CudaError::Driver`, returned with `?` (modules below use it).
+macro_rules! drv {
+    ($e:expr) => {
+        $e.map_err(|e| $crate::CudaError::Driver(format!("{e:?}")))?
+    };
+}
+
 pub mod bench;
 pub mod codegen;
 pub mod device;

@@ -186,12 +186,6 @@ fn rows(rows: usize, width: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
-macro_rules! drv {
-    ($e:expr) => {
-        $e.map_err(|e| CudaError::Driver(format!("{e:?}")))?
-    };
-}
-
 impl GpuProgram {
     /// Generate and compile the module for `graph` (verified first), fp32 throughout.
     pub fn compile(gpu: Gpu, graph: &Graph) -> Result<GpuProgram, CudaError> {
@@ -526,21 +520,6 @@ impl GpuProgram {
             out.insert(name.to_string(), self.download(t)?);
             Ok(())
         })?;
-        Ok(out)
-    }
-
-    /// Run and download only the named outputs; the rest (e.g. gradients an optimizer on the
-    /// device would read) are produced on the device and dropped. For timing training steps.
-    pub fn run_keeping(&self, inputs: &BTreeMap<String, Tensor>, download: &[&str]) -> Result<BTreeMap<String, Tensor>, CudaError> {
-        let (env, fed) = self.upload_inputs(inputs)?;
-        let mut out = BTreeMap::new();
-        self.walk(&env, fed, &mut |name, t| {
-            if download.contains(&name) {
-                out.insert(name.to_string(), self.download(t)?);
-            }
-            Ok(())
-        })?;
-        drv!(self.gpu.stream.synchronize());
         Ok(out)
     }
 

@@ -9,12 +9,6 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use sparkc_ir::Tensor;
 use std::collections::BTreeMap;
 
-macro_rules! drv {
-    ($e:expr) => {
-        $e.map_err(|e| CudaError::Driver(format!("{e:?}")))?
-    };
-}
-
 /// Gradient accumulators and Adam moments, by parameter name.
 #[derive(Default)]
 pub struct TrainingState {

@@ -127,9 +127,6 @@ pub struct Trainer<E: Executor> {
     pub state: TrainerState,
     hook: Option<GradHook>,
     checkpoint_dir: PathBuf,
-    /// Gradients, optimizer and up-to-date parameters live on the executor's device: the host
-    /// `params` are refreshed only for a checkpoint.
-    on_device: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,9 +166,7 @@ impl<E: Executor> Trainer<E> {
             .collect();
         let state = TrainerState { step: 0, micro: 0, cursor: Cursor { epoch: 0, position: 0 }, tokens_seen: 0, optimizer_t: 0, seed: cfg.seed, model_config };
         let opt = Adam::new(cfg.optimizer);
-        let mut exec = exec;
-        let on_device = exec.device_training().is_some();
-        Ok(Trainer { exec, cfg, params, groups, opt, data, state, hook, checkpoint_dir: checkpoint_dir.to_path_buf(), on_device })
+        Ok(Trainer { exec, cfg, params, groups, opt, data, state, hook, checkpoint_dir: checkpoint_dir.to_path_buf() })
     }
 
     /// Continue from a checkpoint directory written by [`Trainer::save`].
@@ -239,9 +234,10 @@ impl<E: Executor> Trainer<E> {
         self.exec.device_training()
     }
 
-    /// Whether gradients and the optimizer run on the executor's device.
-    pub fn trains_on_device(&self) -> bool {
-        self.on_device
+    /// Whether gradients, the optimizer and the current parameters live on the executor's
+    /// device (the host `params` are then refreshed only for a checkpoint).
+    pub fn trains_on_device(&mut self) -> bool {
+        self.exec.device_training().is_some()
     }
 
     /// The loss output of a micro-batch, or the error that stops training when it is not finite.
@@ -258,7 +254,7 @@ impl<E: Executor> Trainer<E> {
 
     /// One optimizer step over `grad_accum` micro-batches.
     pub fn step(&mut self) -> Result<Event, TrainError> {
-        if self.on_device {
+        if self.trains_on_device() {
             return self.step_on_device();
         }
         let accum = self.cfg.grad_accum;
@@ -307,7 +303,7 @@ impl<E: Executor> Trainer<E> {
         for micro in 0..accum {
             let batch = self.data.next_batch(self.cfg.batch_size, self.cfg.seed, &mut self.state.cursor);
             let feed = self.feed(&batch);
-            let dev = self.exec.device_training().expect("checked at construction");
+            let dev = self.exec.device_training().expect("checked by `step`");
             let out = dev.accumulate(&feed, &self.params, 1.0 / accum as f32, micro == 0)?;
             let l = self.checked_loss(&out)?;
             loss += l / accum as f64;
@@ -317,7 +313,7 @@ impl<E: Executor> Trainer<E> {
             self.state.micro += 1;
         }
         let lr = self.schedule().lr(self.state.micro - 1);
-        let dev = self.exec.device_training().expect("checked at construction");
+        let dev = self.exec.device_training().expect("checked by `step`");
         if let Some(hook) = &self.hook {
             let mut grads = dev.gradients(&hook.keys)?;
             let params = dev.parameters(&hook.keys)?;
