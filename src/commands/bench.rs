@@ -35,7 +35,7 @@ pub struct Args {
     /// Time a training pass (forward, loss and backward) instead of inference.
     #[arg(long)]
     pub train: bool,
-    /// What `--backend cuda` measures: any of scans, inference (prefill and decode), training.
+    /// What `--backend cuda` measures: any of scans, inference (prefill and decode in f32 and bf16), decode (bf16 only), training.
     #[arg(long, value_delimiter = ',', default_value = "scans,inference,training")]
     pub parts: Vec<String>,
 }

@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 pub fn run(a: &Args) -> Result<()> {
-    if let Some(p) = a.parts.iter().find(|p| !["scans", "inference", "training"].contains(&p.as_str())) {
-        anyhow::bail!("--parts: unknown part `{p}` (use scans, inference, training)");
+    if let Some(p) = a.parts.iter().find(|p| !["scans", "inference", "decode", "training"].contains(&p.as_str())) {
+        anyhow::bail!("--parts: unknown part `{p}` (use scans, inference, decode, training)");
     }
     let part = |p: &str| a.parts.iter().any(|x| x == p);
     let gpu = Gpu::new(0)?;
@@ -76,8 +76,14 @@ pub fn run(a: &Args) -> Result<()> {
     let params = init_params(&cfg, 0);
     let generation_graph = crate::backend::prepare_generation("cuda", graph)?;
     for precision in [Precision::F32, Precision::Bf16].into_iter().filter(|_| part("inference")) {
-        let session = Session::new(GpuProgram::compile_with(Gpu::new(0)?, &generation_graph, precision)?, params.clone());
-        model_timings(a, &cfg, session, precision, &mut json)?;
+        let mut session = Session::new(GpuProgram::compile_with(Gpu::new(0)?, &generation_graph, precision)?, params.clone());
+        prefill_timings(a, &cfg, &mut session, precision, &mut json)?;
+        decode_timings(&cfg, &mut session, precision, &mut json)?;
+    }
+    if part("decode") && !part("inference") {
+        let mut session = Session::new(GpuProgram::compile_with(Gpu::new(0)?, &generation_graph, Precision::Bf16)?, params.clone());
+        println!("\nmodel {} (D {}, layers {}, K {}), bf16 GEMMs", a.config, cfg.d, cfg.num_layers, cfg.k);
+        decode_timings(&cfg, &mut session, Precision::Bf16, &mut json)?;
     }
     if part("training") {
         training_step(a, &cfg, &params, &mut json)?;
@@ -89,18 +95,29 @@ pub fn run(a: &Args) -> Result<()> {
     Ok(())
 }
 
-fn model_timings(
+fn precision_tag(precision: Precision) -> &'static str {
+    match precision {
+        Precision::F32 => "f32",
+        Precision::Bf16 => "bf16",
+    }
+}
+
+/// Token ids for a (b, t) batch, the same for every run.
+fn bench_ids(cfg: &sparkc_frontend::NeuronSparkConfig, b: usize, t: usize) -> Tensor {
+    Tensor::i64(vec![b, t], (0..b * t).map(|i| (i * 7919 % cfg.vocab_size) as i64).collect())
+}
+
+/// Prefill of --tokens tokens at B=1 (median of --iters), and in bf16 a per-node profile of a
+/// prefill and of a one-token step.
+fn prefill_timings(
     a: &Args,
     cfg: &sparkc_frontend::NeuronSparkConfig,
-    mut session: Session<GpuProgram>,
+    session: &mut Session<GpuProgram>,
     precision: Precision,
     json: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<()> {
-    let tag = match precision {
-        Precision::F32 => "f32",
-        Precision::Bf16 => "bf16",
-    };
-    let ids = |b: usize, t: usize| Tensor::i64(vec![b, t], (0..b * t).map(|i| (i * 7919 % cfg.vocab_size) as i64).collect());
+    let tag = precision_tag(precision);
+    let ids = |b: usize, t: usize| bench_ids(cfg, b, t);
     let t = a.tokens;
     session.reset(1);
     session.step(BTreeMap::from([("input_ids".to_string(), ids(1, t))]))?;
@@ -127,6 +144,19 @@ fn model_timings(
         session.executor_mut().set_profiling(false);
     }
     json.insert("prefill_tokens".into(), t.into());
+    Ok(())
+}
+
+/// Decode tokens/s at B=1 and B=8, the state kept on the device and the step replayed as a
+/// CUDA graph.
+fn decode_timings(
+    cfg: &sparkc_frontend::NeuronSparkConfig,
+    session: &mut Session<GpuProgram>,
+    precision: Precision,
+    json: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    let tag = precision_tag(precision);
+    let ids = |b: usize, t: usize| bench_ids(cfg, b, t);
     for b in [1usize, 8] {
         session.reset(b);
         session.step(BTreeMap::from([("input_ids".to_string(), ids(b, 4))]))?;
@@ -144,6 +174,15 @@ fn model_timings(
         let tps = (b * steps) as f64 / secs;
         println!("  decode B={b}: {:.2} ms/step, {tps:.1} tokens/s (state on the device, step replayed as a CUDA graph)", secs / steps as f64 * 1e3);
         json.insert(format!("decode_b{b}_tokens_per_s_{tag}"), tps.into());
+        if let Some(ms) = session.executor().time_captured_step(steps)? {
+            println!("    device time per replayed step: {ms:.2} ms (the rest of a step is host work and the logits' download)");
+            json.insert(format!("decode_b{b}_device_ms_{tag}"), ms.into());
+        }
+        if let Some(kinds) = session.executor().captured_step_nodes()? {
+            let list: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            println!("    the captured step's graph nodes: {}", list.join(", "));
+            json.insert(format!("decode_b{b}_graph_nodes_{tag}"), serde_json::to_value(&kinds)?);
+        }
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use crate::CudaError;
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,7 +42,13 @@ pub struct Gpu {
     pub max_smem: usize,
     /// Streaming multiprocessors.
     pub sms: usize,
+    /// cuBLAS's workspace, ours for the handle's lifetime: otherwise cuBLAS allocates one per
+    /// split-K call, and inside a captured step each of those is a graph node pair.
+    _blas_workspace: CudaSlice<u8>,
 }
+
+/// Bytes of cuBLAS workspace (what cuBLAS itself recommends on Hopper).
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 fn arch_name(major: i32, minor: i32) -> &'static str {
     match (major, minor) {
@@ -160,7 +166,18 @@ impl Gpu {
         let sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| CudaError::Driver(format!("{e:?}")))? as usize;
-        Ok(Gpu { ctx, stream, blas, arch: arch_name(major, minor), name, max_smem, sms })
+        let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(|e| CudaError::Driver(format!("cuBLAS workspace: {e:?}")))?;
+        {
+            use cudarc::driver::DevicePtr;
+            let (ptr, _sync) = workspace.device_ptr(&stream);
+            // SAFETY: the workspace lives as long as the handle (both are fields of this Gpu,
+            // the handle declared first so it is dropped first).
+            let r = unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, BLAS_WORKSPACE) };
+            if r != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(CudaError::Driver(format!("cublasSetWorkspace: {r:?}")));
+            }
+        }
+        Ok(Gpu { ctx, stream, blas, arch: arch_name(major, minor), name, max_smem, sms, _blas_workspace: workspace })
     }
 
     /// Compile CUDA C to PTX (or take it from the cache) and load it, with IEEE arithmetic

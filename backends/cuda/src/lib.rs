@@ -11,8 +11,10 @@ macro_rules! drv {
 }
 
 pub mod bench;
+mod capture_pool;
 pub mod codegen;
 pub mod device;
+mod fusion;
 pub mod library;
 pub mod program;
 pub mod scan_codegen;

@@ -28,6 +28,12 @@ extern "C" __global__ void sp_mean_frames(float* out, const float* x, long long 
     }
 }
 
+/* Zero `words` 4-byte words, then a 2-byte tail if `tail` (a bf16 buffer of odd length). */
+extern "C" __global__ void sp_zero(unsigned int* p, long long words, int tail) {
+    GRID_STRIDE(i, words) p[i] = 0u;
+    if (tail && blockIdx.x == 0 && threadIdx.x == 0) ((unsigned short*)(p + words))[0] = 0;
+}
+
 /* f32 -> bf16 with round-to-nearest-even (bit arithmetic: NVRTC needs no toolkit header). */
 extern "C" __global__ void sp_to_bf16(unsigned short* out, const float* x, long long n) {
     GRID_STRIDE(i, n) {
@@ -70,35 +76,70 @@ __device__ double sp_block_sum(double v) {
     return r;
 }
 
-/* One block per row: x / sqrt(mean(x^2) + eps) * w. */
-/* Row kernels: one warp per row (8 rows per 256-thread block), lanes read the row
-   contiguously; sums in double as on the CPU. */
+/* Row kernels: a team of blockDim.x threads per row, blockDim.y rows per block. Many rows: a
+   warp per row (8 per block), its lanes reading the row contiguously. Few rows (a decode step):
+   a whole 256-thread block per row, so the row's loads are in flight together instead of one
+   warp waiting on them in turn. Sums in double as on the CPU. */
 __device__ __forceinline__ double sp_warp_sum(double v) {
     for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(0xffffffffu, v, s);
     return v;
 }
-#define WARP_ROW(r, rows) const long long r = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32; const int lane = threadIdx.x % 32; if (r >= (rows)) return;
+__device__ double sp_team_sum(double v) {
+    v = sp_warp_sum(v);
+    if (blockDim.x <= 32) return v;
+    __shared__ double part[32];
+    __syncthreads(); /* an earlier call's readers are done with part */
+    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+    __syncthreads();
+    double t = 0.0;
+    for (int w = 0; w < (int)(blockDim.x / 32); ++w) t += part[w];
+    return t;
+}
+#define ROW_TEAM(r, rows) const long long r = blockIdx.x * (long long)blockDim.y + threadIdx.y; const int lane = threadIdx.x, team = blockDim.x; if (r >= (rows)) return;
 
 /* x / sqrt(mean(x^2) + eps) * w. */
 extern "C" __global__ void sp_rms_norm(float* out, const float* x, const float* w, long long rows, int d, double eps) {
-    WARP_ROW(r, rows)
+    ROW_TEAM(r, rows)
     const float* xr = x + r * d;
     float* yr = out + r * d;
     double acc = 0.0;
-    for (int j = lane; j < d; j += 32) acc += (double)xr[j] * (double)xr[j];
-    float inv = (float)(1.0 / sqrt(sp_warp_sum(acc) / d + eps));
-    for (int j = lane; j < d; j += 32) yr[j] = xr[j] * inv * w[j];
+#pragma unroll 4
+    for (int j = lane; j < d; j += team) acc += (double)xr[j] * (double)xr[j];
+    float inv = (float)(1.0 / sqrt(sp_team_sum(acc) / d + eps));
+#pragma unroll 4
+    for (int j = lane; j < d; j += team) yr[j] = xr[j] * inv * w[j];
 }
 
-/* One block per row: x - mean(x). */
+/* x - mean(x). */
 extern "C" __global__ void sp_center_last(float* out, const float* x, long long rows, int d) {
-    WARP_ROW(r, rows)
+    ROW_TEAM(r, rows)
     const float* xr = x + r * d;
     float* yr = out + r * d;
     double acc = 0.0;
-    for (int j = lane; j < d; j += 32) acc += (double)xr[j];
-    float mean = (float)(sp_warp_sum(acc) / d);
-    for (int j = lane; j < d; j += 32) yr[j] = xr[j] - mean;
+#pragma unroll 4
+    for (int j = lane; j < d; j += team) acc += (double)xr[j];
+    float mean = (float)(sp_team_sum(acc) / d);
+#pragma unroll 4
+    for (int j = lane; j < d; j += team) yr[j] = xr[j] - mean;
+}
+
+/* The residual update of a sub-layer, fused for inference: out[r, f] = h[r, f] + (u[r] − mean u[r])
+   for each of the k frames f of row r (center_last, repeat_frames and the add in one pass). */
+extern "C" __global__ void sp_centered_residual(float* out, const float* h, const float* u, long long rows, int k, int d) {
+    ROW_TEAM(r, rows)
+    const float* ur = u + r * d;
+    double acc = 0.0;
+#pragma unroll 4
+    for (int j = lane; j < d; j += team) acc += (double)ur[j];
+    const float mean = (float)(sp_team_sum(acc) / d);
+    for (int j = lane; j < d; j += team) {
+        const float c = ur[j] - mean;
+#pragma unroll 4
+        for (int f = 0; f < k; ++f) {
+            const long long i = (r * k + f) * d + j;
+            out[i] = h[i] + c;
+        }
+    }
 }
 
 /* PonderNet halting weights over K logits per row. */
@@ -119,12 +160,67 @@ extern "C" __global__ void sp_ponder_weights(float* lam, float* ek, const float*
     }
 }
 
-extern "C" __global__ void sp_frame_weighted_sum(float* out, const float* x, const float* w, long long rows, int k, int d) {
+/* Stores into an output the storage plan made f32 or bf16. */
+__device__ __forceinline__ void sp_st_as(void* out, int bf16, long long i, float v) {
+    if (bf16) sp_st((unsigned short*)out, i, v); else sp_st((float*)out, i, v);
+}
+
+/* y[r] = Σ_f w[r, f] x[r, f], written f32 or bf16 (an out-projection GEMM reads it). */
+extern "C" __global__ void sp_frame_weighted_sum(void* out, int out_bf16, const float* x, const float* w, long long rows, int k, int d) {
     GRID_STRIDE(i, rows * d) {
         long long r = i / d; int c = (int)(i % d);
         float acc = 0.0f;
         for (int f = 0; f < k; ++f) acc += w[r * k + f] * x[(r * k + f) * d + c];
-        out[i] = acc;
+        sp_st_as(out, out_bf16, i, acc);
+    }
+}
+
+/* PonderNet over one (b, t) row of k frames, fused for inference: the halt logits (a dot product
+   of each frame with w_h, plus b_h), the halting weights and the weighted sum of the frames,
+   written f32 or bf16. One block per row; dynamic shared memory holds k floats. */
+extern "C" __global__ void sp_ponder_aggregate(void* out, int out_bf16, const float* x, const float* wh, const float* bh, long long rows, int k, int d, float clampv, float eps) {
+    extern __shared__ float lam[];
+    const long long r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + r * k * d;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int f = warp; f < k; f += warps) {
+        double acc = 0.0;
+#pragma unroll 4
+        for (int j = lane; j < d; j += 32) acc += (double)xr[f * d + j] * (double)wh[j];
+        acc = sp_warp_sum(acc);
+        if (lane == 0) lam[f] = (float)(acc + (double)bh[0]);
+    }
+    __syncthreads();
+    if (warp == 0) {
+        /* Frames in chunks of 32, one per lane: survival is exp of the exclusive prefix sum of
+           log1p(-p), carried across chunks. */
+        float carry = 0.0f, total = 0.0f;
+        for (int f0 = 0; f0 < k; f0 += 32) {
+            const int f = f0 + lane;
+            const float p = f < k ? fminf(fmaxf(1.0f / (1.0f + expf(-lam[f])), clampv), 1.0f - clampv) : 0.0f;
+            const float lg = f < k ? log1pf(-p) : 0.0f;
+            float inc = lg;
+            for (int s = 1; s < 32; s <<= 1) {
+                const float t = __shfl_up_sync(0xffffffffu, inc, s);
+                if (lane >= s) inc += t;
+            }
+            const float l = f < k ? p * expf(carry + inc - lg) : 0.0f;
+            float chunk = l;
+            for (int s = 16; s > 0; s >>= 1) chunk += __shfl_xor_sync(0xffffffffu, chunk, s);
+            total += chunk;
+            carry += __shfl_sync(0xffffffffu, inc, 31);
+            __syncwarp();
+            if (f < k) lam[f] = l;
+        }
+        __syncwarp();
+        for (int f = lane; f < k; f += 32) lam[f] /= total + eps;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int f = 0; f < k; ++f) acc += lam[f] * xr[f * d + j];
+        sp_st_as(out, out_bf16, r * d + j, acc);
     }
 }
 
@@ -240,20 +336,20 @@ extern "C" __global__ void sp_sum_frames(float* out, const float* x, long long n
     }
 }
 
-/* One block per row: dx of y = x r w with r = (mean x^2 + eps)^-1/2; dw partial per row. */
+/* dx of y = x r w with r = (mean x^2 + eps)^-1/2; dw partial per row. */
 extern "C" __global__ void sp_rms_norm_grad(float* dx, float* dw_rows, const float* dy, const float* x, const float* w, long long rows, int d, double eps) {
-    WARP_ROW(row, rows)
+    ROW_TEAM(row, rows)
     long long off = row * d;
     double ss = 0.0, gx = 0.0;
-    for (int j = lane; j < d; j += 32) {
+    for (int j = lane; j < d; j += team) {
         double xv = x[off + j];
         ss += xv * xv;
         gx += (double)dy[off + j] * (double)w[j] * xv;
     }
-    ss = sp_warp_sum(ss);
-    gx = sp_warp_sum(gx);
+    ss = sp_team_sum(ss);
+    gx = sp_team_sum(gx);
     double r = 1.0 / sqrt(ss / d + eps);
-    for (int j = lane; j < d; j += 32) {
+    for (int j = lane; j < d; j += team) {
         double xv = x[off + j];
         dx[off + j] = (float)(r * (double)dy[off + j] * (double)w[j] - xv * r * r * r * gx / d);
         dw_rows[off + j] = (float)((double)dy[off + j] * xv * r);

@@ -2,7 +2,9 @@
 //! the library), cuBLAS for the linear layers, device-resident parameters.
 
 use crate::codegen::{self, Elem};
+use crate::capture_pool::CapturePool;
 use crate::device::Gpu;
+use crate::fusion::{self, Fused, FusionPlan};
 use crate::scan_codegen::{self, ScanIo, TilePlan};
 use crate::library::LIBRARY;
 use crate::CudaError;
@@ -142,6 +144,8 @@ pub struct GpuProgram {
     kernel_of: HashMap<NodeIndex, String>,
     /// Values stored in bf16 (bf16 mode only); all others are f32 (or integer).
     storage: HashMap<Value, Elem>,
+    /// Chains of row ops run as one kernel each (inference).
+    fusion: FusionPlan,
     /// Reverse scan → the forward scan whose checkpoints it reads.
     tape_of: HashMap<NodeIndex, NodeIndex>,
     /// Forward scans that keep checkpoints for a reverse scan.
@@ -151,8 +155,23 @@ pub struct GpuProgram {
     /// Forward scans that also have a 64-channel-block kernel, for batches too small to give
     /// every SM a 128-channel block.
     narrow: HashMap<NodeIndex, (TilePlan, String)>,
+    /// Forward scans run by the tiled kernel that also have a one-thread-per-column kernel,
+    /// for runs of a few steps (a decode step's 16 frames), where the tiled kernel's setup and
+    /// shared-memory pipeline cost more than the steps.
+    short: HashMap<NodeIndex, String>,
     /// Carried values kept on the device between runs, when asked for.
     resident: Option<Resident>,
+    /// Where a step being captured allocates (made at the first capture), and whether one is.
+    capture_pool: std::cell::OnceCell<CapturePool>,
+    capturing: std::cell::Cell<bool>,
+    /// Final-state results of scans that may be written over the carried state they start
+    /// from (the state's only reader is that scan, and the result is read by nothing but the
+    /// state output): final value → the state's name.
+    carried_in_place: HashMap<Value, String>,
+    /// During a resident run: the kept state buffers, and the states a scan wrote in place
+    /// (which then need no copy at the end of the run).
+    state_buffers: std::cell::RefCell<HashMap<String, u64>>,
+    written_in_place: std::cell::RefCell<HashSet<String>>,
     /// No host round trip inside a run (no embedding gradient): a run can be captured.
     capturable: bool,
     pub(crate) params: BTreeMap<String, DevTensor>,
@@ -176,9 +195,24 @@ pub(crate) fn grid(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// One warp per row, eight rows per block (the row kernels of the library).
-fn warp_rows(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+/// Runs of at most this many steps use a tiled scan's one-thread-per-column kernel.
+const SHORT_SCAN_STEPS: usize = 64;
+
+/// One thread per column, 128 per block (the untiled scan kernels).
+fn simple_scan_launch(cols: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (cols.div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Below this many rows a library row kernel gives each row a whole block.
+const FEW_ROWS: usize = 2048;
+
+/// The team of threads per row of the library's row kernels (`ROW_TEAM`): a warp per row, eight
+/// rows per block, when there are many rows; a 256-thread block per row when there are few.
+fn row_teams(rows: usize) -> LaunchConfig {
+    if rows < FEW_ROWS {
+        return LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    }
+    LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 }
 }
 
 fn rows(rows: usize, width: usize) -> LaunchConfig {
@@ -199,7 +233,7 @@ impl GpuProgram {
         src.push_str(LIBRARY);
         let mut names = vec![
             "sp_embedding", "sp_linear_narrow", "sp_repeat_frames", "sp_mean_frames", "sp_add_bias", "sp_rms_norm", "sp_center_last",
-            "sp_ponder_weights", "sp_frame_weighted_sum", "sp_cross_entropy", "sp_masked_mean", "sp_to_bf16",
+            "sp_centered_residual", "sp_zero", "sp_ponder_weights", "sp_frame_weighted_sum", "sp_ponder_aggregate", "sp_cross_entropy", "sp_masked_mean", "sp_to_bf16",
             "sp_sum_rows", "sp_sum_rows_partial", "sp_sum_chunks", "sp_sum_all_partial", "sp_sum_inner", "sp_embedding_grad", "sp_sum_frames", "sp_rms_norm_grad", "sp_ponder_weights_grad",
             "sp_frame_weighted_sum_grad_frames", "sp_frame_weighted_sum_grad_weights", "sp_cross_entropy_grad", "sp_mean_grad",
             "sp_accumulate", "sp_sum_squares", "sp_adam",
@@ -209,10 +243,12 @@ impl GpuProgram {
         .collect::<Vec<_>>();
         let storage = if precision == Precision::Bf16 { plan_storage(graph) } else { HashMap::new() };
         let elem = |v: Value| storage.get(&v).copied().unwrap_or(Elem::F32);
+        let fusion = fusion::plan(graph, |v| elem(v) == Elem::F32);
         let tape_of = pair_reverse_scans(graph);
         let taped: HashSet<NodeIndex> = tape_of.values().copied().collect();
         let mut tiled = HashMap::new();
         let mut narrow: HashMap<NodeIndex, (TilePlan, String)> = HashMap::new();
+        let mut short: HashMap<NodeIndex, String> = HashMap::new();
         let mut kernel_of: HashMap<NodeIndex, String> = HashMap::new();
         // Nodes with identical generated kernels share one (a training graph has hundreds of
         // identical gradient-accumulation maps, and every layer the same scans): the kernel is
@@ -231,8 +267,8 @@ impl GpuProgram {
         for (pos, &n) in order.iter().enumerate() {
             let node = graph.node(n);
             let operands = graph.operands(n);
-            for v in &operands {
-                last_use.insert(*v, pos);
+            for v in fusion.inputs_of(graph, n) {
+                last_use.insert(v, pos);
             }
             match &node.op {
                 Op::Map { expr } => {
@@ -254,6 +290,10 @@ impl GpuProgram {
                         if let Some(p) = scan_codegen::narrow_tile_plan(model, c, &io, gpu.max_smem) {
                             let k = scan_codegen::scan_forward_tiled(PLACEHOLDER, model, emit, token, &io, p);
                             narrow.insert(n, (p, add_kernel("scan", k)));
+                        }
+                        if !taped.contains(&n) {
+                            let k = scan_codegen::scan_forward_simple(PLACEHOLDER, model, emit, token, &io, scan_codegen::scan_unroll(model));
+                            short.insert(n, add_kernel("scan", k));
                         }
                         scan_codegen::scan_forward_tiled(PLACEHOLDER, model, emit, token, &io, plan)
                     } else {
@@ -332,12 +372,19 @@ impl GpuProgram {
             last_use,
             early_outputs,
             storage,
+            fusion,
             kernel_of,
             tape_of,
             taped,
             tiled,
             narrow,
+            short,
             resident: None,
+            capture_pool: Default::default(),
+            capturing: Default::default(),
+            carried_in_place: carried_in_place(graph),
+            state_buffers: Default::default(),
+            written_in_place: Default::default(),
             capturable: !graph.g.node_indices().any(|n| matches!(graph.node(n).op, Op::EmbeddingGrad)),
             params: BTreeMap::new(),
             uploaded_from: BTreeMap::new(),
@@ -400,7 +447,8 @@ impl GpuProgram {
     }
 
     fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>, CudaError> {
-        let mut out = drv!(self.gpu.stream.alloc_zeros::<u16>(n.max(1)));
+        // SAFETY: the conversion kernel writes all n elements.
+        let mut out = unsafe { self.raw_alloc::<u16>(n) }?;
         let count = n as i64;
         let mut b = self.gpu.stream.launch_builder(self.f("sp_to_bf16"));
         b.arg(&mut out);
@@ -499,17 +547,29 @@ impl GpuProgram {
     /// An output buffer for `v`, stored as planned; uninitialised (its kernel writes all of it).
     fn alloc_value(&self, v: Value, shape: &[usize]) -> Result<DevTensor, CudaError> {
         let n = shape.iter().product::<usize>().max(1);
-        let st = &self.gpu.stream;
         // SAFETY: every caller launches a kernel that writes all n elements before any read.
         Ok(match self.storage.get(&v) {
-            Some(Elem::Bf16) => DevTensor::Bf16 { shape: shape.to_vec(), data: drv!(unsafe { st.alloc::<u16>(n) }) },
-            _ => DevTensor::F32 { shape: shape.to_vec(), data: drv!(unsafe { st.alloc::<f32>(n) }) },
+            Some(Elem::Bf16) => DevTensor::Bf16 { shape: shape.to_vec(), data: unsafe { self.raw_alloc::<u16>(n) }? },
+            _ => DevTensor::F32 { shape: shape.to_vec(), data: unsafe { self.raw_alloc::<f32>(n) }? },
         })
     }
 
     fn alloc_uninit(&self, n: usize) -> Result<CudaSlice<f32>, CudaError> {
         // SAFETY: callers write every element before reading it.
-        Ok(drv!(unsafe { self.gpu.stream.alloc::<f32>(n.max(1)) }))
+        unsafe { self.raw_alloc(n) }
+    }
+
+    /// `n` uninitialised elements for a value of a run: from the capture pool while a step is
+    /// being captured (see [`crate::capture_pool`]), from the stream's pool otherwise.
+    ///
+    /// # Safety
+    /// The caller writes the elements before reading them.
+    unsafe fn raw_alloc<T: cudarc::driver::DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>, CudaError> {
+        match self.capture_pool.get().filter(|_| self.capturing.get()) {
+            // SAFETY: passed on to the caller.
+            Some(pool) => unsafe { pool.alloc(n) },
+            None => Ok(drv!(unsafe { self.gpu.stream.alloc::<T>(n.max(1)) })),
+        }
     }
 
     /// Run the graph on host inputs (parameters come from [`GpuProgram::set_params`]).
@@ -579,12 +639,16 @@ impl GpuProgram {
                 .collect::<Result<_, _>>()
                 .map_err(|s| CudaError::Input(format!("dimension {s} is not bound by any input")))?;
             let results: Vec<Slot> = match &node.op {
+                _ if self.fusion.absorbed.contains(&n) => Vec::new(),
                 Op::Input { .. } => vec![fed.remove(&n).expect("inputs are bound")],
                 Op::Param { name } => vec![Slot::Param(self.params.get(name).ok_or_else(|| CudaError::Input(format!("parameter `{name}` was not uploaded")))?)],
                 _ => {
-                    let ops: Vec<&DevTensor> = self.graph.operands(n).iter().map(|v| values[v].get()).collect();
+                    let ops: Vec<&DevTensor> = self.fusion.inputs_of(&self.graph, n).iter().map(|v| values[v].get()).collect();
                     let start = self.profile.as_ref().map(|_| self.timing_event()).transpose()?;
-                    let out = self.exec(n, &ops, &shapes, &mut tapes)?;
+                    let out = self.exec(n, &ops, &shapes, &mut tapes).map_err(|e| match e {
+                        CudaError::Driver(m) => CudaError::Driver(format!("{m} (at node `{}`)", node.name)),
+                        e => e,
+                    })?;
                     if let (Some(p), Some(start)) = (&self.profile, start) {
                         p.borrow_mut().push((n, start, self.timing_event()?));
                     }
@@ -600,7 +664,7 @@ impl GpuProgram {
                     values.insert(v, t);
                 }
             }
-            for v in self.graph.operands(n) {
+            for v in self.fusion.inputs_of(&self.graph, n) {
                 if self.last_use.get(&v) == Some(&pos) {
                     values.remove(&v);
                 }
@@ -643,6 +707,9 @@ impl GpuProgram {
     /// output width of a linear layer.
     fn profile_label(&self, n: NodeIndex) -> String {
         let node = self.graph.node(n);
+        if let Some(f) = self.fusion.anchors.get(&n) {
+            return f.label().to_string();
+        }
         let width = |v: Value| self.graph.value_type(v).shape.dims().last().and_then(|d| d.as_const()).map(|c| c.to_string()).unwrap_or_default();
         match &node.op {
             Op::Scan { neuron, .. } | Op::ScanAdjoint { neuron, .. } => format!("{} {neuron} C={}", node.op.name(), width(self.graph.operands(n)[0])),
@@ -675,6 +742,26 @@ impl GpuProgram {
         // A captured step addresses the previous state buffers: start over.
         self.resident = Some(Resident { batch, state, captured: None, seen: None });
         Ok(())
+    }
+
+    /// The nodes of the captured per-step graph by kind ("kernel", "memalloc", ...), once a
+    /// step has been captured.
+    pub fn captured_step_nodes(&self) -> Result<Option<BTreeMap<&'static str, usize>>, CudaError> {
+        let Some(c) = self.resident.as_ref().and_then(|r| r.captured.as_ref()) else { return Ok(None) };
+        Ok(Some(graph_node_kinds(c.graph.cu_graph())?))
+    }
+
+    /// Device milliseconds per replay of the captured step, over `reps` back-to-back replays
+    /// (each advances the kept state, as a decoded token would), once a step has been captured.
+    pub fn time_captured_step(&self, reps: usize) -> Result<Option<f64>, CudaError> {
+        let Some(c) = self.resident.as_ref().and_then(|r| r.captured.as_ref()) else { return Ok(None) };
+        let start = self.timing_event()?;
+        for _ in 0..reps {
+            drv!(c.graph.launch());
+        }
+        let end = self.timing_event()?;
+        drv!(end.synchronize());
+        Ok(Some(drv!(start.elapsed_ms(&end)) as f64 / reps.max(1) as f64))
     }
 
     pub fn keeps_state(&self) -> bool {
@@ -728,9 +815,17 @@ impl GpuProgram {
                 }
             }
             drv!(st.synchronize());
-            drv!(st.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
+            if self.capture_pool.get().is_none() {
+                let _ = self.capture_pool.set(CapturePool::new(&self.gpu)?);
+            }
+            // Relaxed: the capture pool's allocations, on a stream not being captured, count as
+            // "potentially unsafe" calls, which the stricter modes refuse.
+            drv!(st.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED));
+            self.capturing.set(true);
         }
         let state_ptrs: HashMap<String, u64> = res.state.iter().map(|(k, t)| (k.clone(), t.ptr(st))).collect();
+        *self.state_buffers.borrow_mut() = state_ptrs.clone();
+        self.written_in_place.borrow_mut().clear();
         let out_ptrs: HashMap<String, u64> = out_bufs.iter().map(|(k, t)| (k.clone(), t.ptr(st))).collect();
         let mut downloaded = BTreeMap::new();
         let walked = {
@@ -745,7 +840,9 @@ impl GpuProgram {
             self.walk(&env, fed, &mut |name, t| {
                 // New state over the old (every read of the old one is done by now); other
                 // outputs to their buffers (captured) or to the host.
-                if let Some(&dst) = state_ptrs.get(name) {
+                if self.written_in_place.borrow().contains(name) {
+                    Ok(())
+                } else if let Some(&dst) = state_ptrs.get(name) {
                     copy_device(st, t, dst)
                 } else if let Some(&dst) = out_ptrs.get(name) {
                     copy_device(st, t, dst)
@@ -755,14 +852,16 @@ impl GpuProgram {
                 }
             })
         };
+        self.state_buffers.borrow_mut().clear();
         if !capture {
             walked?;
             res.seen = Some(key);
             return Ok(downloaded);
         }
+        self.capturing.set(false);
         let graph = st.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
         walked?;
-        let graph = drv!(graph).ok_or_else(|| CudaError::Driver("stream capture produced no graph".into()))?;
+        let graph = graph.map_err(|e| CudaError::Driver(format!("capturing the step: {e:?}")))?.ok_or_else(|| CudaError::Driver("stream capture produced no graph".into()))?;
         drv!(graph.launch());
         let outputs: BTreeMap<String, Tensor> = out_bufs.iter().map(|(k, t)| Ok((k.clone(), self.download(t)?))).collect::<Result<_, CudaError>>()?;
         res.captured = Some(Captured { key, inputs: in_bufs, outputs: out_bufs, graph });
@@ -804,7 +903,7 @@ impl GpuProgram {
         Ok(match self.tiled.get(&n) {
             Some(plan) if c.is_multiple_of(plan.channels) => self.tiled_launch(plan, cols),
             Some(_) => return Err(CudaError::Input(format!("`{}`: the tiled scan needs a multiple of 128 channels, got {c}", self.graph.node(n).name))),
-            None => LaunchConfig { grid_dim: (cols.div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
+            None => simple_scan_launch(cols),
         })
     }
 
@@ -833,7 +932,7 @@ impl GpuProgram {
         let chunk = 64.max(rows.div_ceil(65_535));
         let chunks = rows.div_ceil(chunk);
         // SAFETY: every chunk's partial sums are written by the first pass.
-        let mut partial = drv!(unsafe { st.alloc::<f64>(chunks * n) });
+        let mut partial = unsafe { self.raw_alloc::<f64>(chunks * n) }?;
         let (ck, cks) = (chunk as i64, chunks as i64);
         let cfg = LaunchConfig { grid_dim: (n.div_ceil(32) as u32, chunks as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
         let mut b = st.launch_builder(self.f("sp_sum_rows_partial"));
@@ -852,7 +951,69 @@ impl GpuProgram {
     }
 
     fn alloc(&self, n: usize) -> Result<CudaSlice<f32>, CudaError> {
-        Ok(drv!(self.gpu.stream.alloc_zeros::<f32>(n.max(1))))
+        // SAFETY: zeroed (on the run's stream, so also in a captured step) before any read.
+        let z = unsafe { self.raw_alloc::<f32>(n) }?;
+        self.fill_zero(DevTensor::F32 { shape: vec![], data: z }).map(|t| match t {
+            DevTensor::F32 { data, .. } => data,
+            _ => unreachable!("f32 in, f32 out"),
+        })
+    }
+
+    /// Zero a buffer on the run's stream. While a step is being captured this is a kernel: a
+    /// memset node over the capture pool's memory is refused when the graph is instantiated.
+    fn zero(&self, t: &mut DevTensor) -> Result<(), CudaError> {
+        let st = &self.gpu.stream;
+        if !self.capturing.get() {
+            return zero(st, t);
+        }
+        let bytes = match t {
+            DevTensor::F32 { data, .. } => data.len() * 4,
+            DevTensor::Bf16 { data, .. } => data.len() * 2,
+            DevTensor::I64 { data, .. } => data.len() * 8,
+        };
+        let (words, tail) = ((bytes / 4) as i64, (bytes % 4 != 0) as i32);
+        let ptr = t.ptr(st);
+        let mut b = st.launch_builder(self.f("sp_zero"));
+        b.arg(&ptr).arg(&words).arg(&tail);
+        // SAFETY: ptr addresses `bytes` bytes: `words` 4-byte words and a 2-byte tail if set.
+        unsafe { drv!(b.launch(grid(words as usize + 1))) };
+        Ok(())
+    }
+
+    fn fill_zero(&self, mut t: DevTensor) -> Result<DevTensor, CudaError> {
+        self.zero(&mut t)?;
+        Ok(t)
+    }
+
+    /// Run a fused chain (see [`crate::fusion`]) at its anchor `n`; `ins` are the chain's inputs.
+    fn exec_fused(&self, n: NodeIndex, fused: &Fused, ins: &[&DevTensor], shape: &[usize]) -> Result<Vec<DevTensor>, CudaError> {
+        let st = &self.gpu.stream;
+        let f32_in = |i: usize| ins[i].f32().ok_or_else(|| CudaError::Input(format!("`{}`: fused operand {i} must be f32", self.graph.node(n).name)));
+        let mut y = self.alloc_value(Value { node: n, port: 0 }, shape)?;
+        match fused {
+            Fused::PonderAggregate { clamp, eps, .. } => {
+                let s = ins[0].shape();
+                let (rows, k, d) = ((s[0] * s[1]) as i64, s[2] as i32, s[3] as i32);
+                let bf16 = i32::from(y.elem() == Some(Elem::Bf16));
+                let (c, e) = (*clamp as f32, *eps as f32);
+                let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 4 * k.max(1) as u32 };
+                let mut b = st.launch_builder(self.f("sp_ponder_aggregate"));
+                y.push_mut(&mut b);
+                b.arg(&bf16).arg(f32_in(0)?).arg(f32_in(1)?).arg(f32_in(2)?).arg(&rows).arg(&k).arg(&d).arg(&c).arg(&e);
+                // SAFETY: frames hold rows·k·d floats, the halt weight d and bias 1, y rows·d
+                // elements of its storage type; shared memory holds k floats.
+                unsafe { drv!(b.launch(cfg)) };
+            }
+            Fused::CenteredResidual { .. } => {
+                let (rows, k, d) = ((shape[0] * shape[1]) as i64, shape[2] as i32, shape[3] as i32);
+                let DevTensor::F32 { data, .. } = &mut y else { return Err(CudaError::Unsupported("the residual stream is f32".into())) };
+                let mut b = st.launch_builder(self.f("sp_centered_residual"));
+                b.arg(data).arg(f32_in(0)?).arg(f32_in(1)?).arg(&rows).arg(&k).arg(&d);
+                // SAFETY: the residual and y hold rows·k·d floats, the update rows·d.
+                unsafe { drv!(b.launch(row_teams(rows as usize))) };
+            }
+        }
+        Ok(vec![y])
     }
 
     fn exec(&self, n: NodeIndex, ins: &[&DevTensor], shapes: &[Vec<usize>], tapes: &mut Tapes) -> Result<Vec<DevTensor>, CudaError> {
@@ -863,9 +1024,18 @@ impl GpuProgram {
         let numel = |s: &[usize]| s.iter().product::<usize>();
         let out_n = numel(&shapes[0]);
         let result = |port: u32| Value { node: n, port };
-        // Ops with typed outputs allocate their own, uninitialised; the rest start from zeros.
-        let typed = matches!(node.op, Op::Linear { .. } | Op::Map { .. } | Op::Scan { .. } | Op::ScanAdjoint { .. } | Op::LinearGradInput | Op::LinearGradWeight);
-        let mut out = if typed { self.alloc_uninit(1)? } else { self.alloc(out_n)? };
+        if let Some(f) = self.fusion.anchors.get(&n) {
+            return self.exec_fused(n, f, ins, &shapes[0]);
+        }
+        // Ops with typed outputs allocate their own, uninitialised; ops whose kernel writes every
+        // element get an uninitialised buffer (a memset each would be a graph node per op at
+        // decode); the rest start from zeros.
+        let typed = matches!(node.op, Op::Linear { .. } | Op::Map { .. } | Op::Scan { .. } | Op::ScanAdjoint { .. } | Op::LinearGradInput | Op::LinearGradWeight | Op::FrameWeightedSum);
+        let writes_all = matches!(
+            node.op,
+            Op::Embedding | Op::RepeatFrames { .. } | Op::MeanFrames | Op::RmsNorm { .. } | Op::LateralInhibition { .. } | Op::CenterLast | Op::PonderWeights { .. } | Op::SumFrames
+        );
+        let mut out = if typed { self.alloc_uninit(1)? } else if writes_all { self.alloc_uninit(out_n)? } else { self.alloc(out_n)? };
         let wrap = |data: CudaSlice<f32>, shape: &Vec<usize>| DevTensor::F32 { shape: shape.clone(), data };
         macro_rules! launch {
             ($kernel:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
@@ -913,7 +1083,7 @@ impl GpuProgram {
                     // Row-major y[M,O] = x[M,I]·w[O,I]ᵀ is column-major yᵀ(O×M) = op(W)(O×I)·X(I×M).
                     self.weight_gemm(n, ins, true, (o, m, i), i, &mut y, o)?;
                 } else {
-                    zero(st, &mut y)?;
+                    self.zero(&mut y)?;
                 }
                 if *bias {
                     let DevTensor::F32 { data: yd, .. } = &mut y else { return Err(bad("a biased linear writes f32")) };
@@ -927,14 +1097,14 @@ impl GpuProgram {
                 let r = out_n / d.max(1);
                 let di = d as i32;
                 let rr = r as i64;
-                launch!(self.f("sp_rms_norm"), warp_rows(r), &mut out, fl(0)?, fl(1)?, &rr, &di, eps);
+                launch!(self.f("sp_rms_norm"), row_teams(r), &mut out, fl(0)?, fl(1)?, &rr, &di, eps);
             }
             Op::CenterLast => {
                 let d = *shapes[0].last().unwrap_or(&1);
                 let di = d as i32;
                 let r = out_n / d.max(1);
                 let rr = r as i64;
-                launch!(self.f("sp_center_last"), warp_rows(r), &mut out, fl(0)?, &rr, &di);
+                launch!(self.f("sp_center_last"), row_teams(r), &mut out, fl(0)?, &rr, &di);
             }
             Op::Map { .. } => {
                 let name = &self.kernel_of[&n];
@@ -975,10 +1145,20 @@ impl GpuProgram {
                 };
                 let null = 0u64;
                 let (bi, si, ki, ci) = (bsz as i32, steps as i32, s[2] as i32, c as i32);
-                let (kernel, cfg) = match self.narrow.get(&n) {
-                    Some((plan, k)) if (bsz * c).div_ceil(plan.channels) <= self.gpu.sms => (k, self.tiled_launch(plan, bsz * c)),
+                let short = steps <= SHORT_SCAN_STEPS && self.short.contains_key(&n);
+                let (kernel, cfg) = match (self.short.get(&n), self.narrow.get(&n)) {
+                    (Some(k), _) if short => (k, simple_scan_launch(bsz * c)),
+                    (_, Some((plan, k))) if (bsz * c).div_ceil(plan.channels) <= self.gpu.sms => (k, self.tiled_launch(plan, bsz * c)),
                     _ => (&self.kernel_of[&n], self.scan_launch(n, bsz, c)?),
                 };
+                // The one-thread-per-column kernel reads a column's initial state before it writes
+                // the final one, so a carried state can be updated in place (no copy afterwards).
+                let in_place: Vec<Option<(String, u64)>> = (0..model.state.len())
+                    .map(|i| {
+                        let name = self.carried_in_place.get(&result((emit.len() + i) as u32)).filter(|_| short)?;
+                        Some((name.clone(), *self.state_buffers.borrow().get(name)?))
+                    })
+                    .collect();
                 let mut b = st.launch_builder(self.f(kernel));
                 for (i, t) in ins.iter().enumerate() {
                     if t.elem().is_none() {
@@ -989,8 +1169,11 @@ impl GpuProgram {
                 for o in outs.iter_mut() {
                     o.push_mut(&mut b);
                 }
-                for f in finals.iter_mut() {
-                    b.arg(f);
+                for (f, carried) in finals.iter_mut().zip(&in_place) {
+                    match carried {
+                        Some((_, ptr)) => b.arg(ptr),
+                        None => b.arg(f),
+                    };
                 }
                 if ck.is_empty() {
                     for _ in &model.state {
@@ -1008,6 +1191,7 @@ impl GpuProgram {
                 // SAFETY: the generated kernel's parameters are exactly these buffers and sizes.
                 unsafe { drv!(b.launch(cfg)) };
                 drop(b);
+                self.written_in_place.borrow_mut().extend(in_place.into_iter().flatten().map(|(name, _)| name));
                 if !ck.is_empty() {
                     tapes.insert(n, ck);
                 }
@@ -1019,7 +1203,7 @@ impl GpuProgram {
             Op::PonderWeights { clamp, eps } => {
                 let k = ins[0].shape()[2] as i32;
                 let r = (out_n / k as usize) as i64;
-                let mut ek = self.alloc(r as usize)?;
+                let mut ek = self.alloc_uninit(r as usize)?;
                 let (c, e) = (*clamp as f32, *eps as f32);
                 launch!(self.f("sp_ponder_weights"), grid(r as usize), &mut out, &mut ek, fl(0)?, &r, &k, &c, &e);
                 return Ok(vec![wrap(out, &shapes[0]), wrap(ek, &shapes[1])]);
@@ -1027,7 +1211,15 @@ impl GpuProgram {
             Op::FrameWeightedSum => {
                 let s = ins[0].shape();
                 let (r, k, d) = ((s[0] * s[1]) as i64, s[2] as i32, s[3] as i32);
-                launch!(self.f("sp_frame_weighted_sum"), grid(out_n), &mut out, fl(0)?, fl(1)?, &r, &k, &d);
+                let mut y = self.alloc_value(result(0), &shapes[0])?;
+                let bf16 = i32::from(y.elem() == Some(Elem::Bf16));
+                let mut b = st.launch_builder(self.f("sp_frame_weighted_sum"));
+                y.push_mut(&mut b);
+                b.arg(&bf16).arg(fl(0)?).arg(fl(1)?).arg(&r).arg(&k).arg(&d);
+                // SAFETY: x holds r·k·d floats, w r·k, y r·d elements of its storage type.
+                unsafe { drv!(b.launch(grid(out_n))) };
+                drop(b);
+                return Ok(vec![y]);
             }
             Op::CrossEntropy { ignore_index } => {
                 let v = *ins[0].shape().last().unwrap_or(&1);
@@ -1062,7 +1254,7 @@ impl GpuProgram {
                         // Block partial sums (fixed grid, fixed order), then their sum.
                         let blocks = (total as usize).div_ceil(256).clamp(1, 1024);
                         // SAFETY: every block writes its partial sum.
-                        let mut partial = drv!(unsafe { st.alloc::<f64>(blocks) });
+                        let mut partial = unsafe { self.raw_alloc::<f64>(blocks) }?;
                         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                         launch!(self.f("sp_sum_all_partial"), cfg, &mut partial, fl(0)?, &total);
                         let (chunks, one) = (blocks as i64, 1i64);
@@ -1079,7 +1271,7 @@ impl GpuProgram {
                     // Column-major dxᵀ(I×M) = w'(I×O)·dy'(O×M).
                     self.weight_gemm(n, ins, false, (i, m, o), o, &mut dx, i)?;
                 } else {
-                    zero(st, &mut dx)?;
+                    self.zero(&mut dx)?;
                 }
                 return Ok(vec![dx]);
             }
@@ -1101,7 +1293,7 @@ impl GpuProgram {
                         unsafe { self.gpu.blas.gemm(cfg, fl(1)?, fl(0)?, d) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))?;
                     }
                 } else {
-                    zero(st, &mut dw)?;
+                    self.zero(&mut dw)?;
                 }
                 return Ok(vec![dw]);
             }
@@ -1139,7 +1331,7 @@ impl GpuProgram {
                 let mut dw = self.alloc(d)?;
                 let di = d as i32;
                 let rr = r as i64;
-                launch!(self.f("sp_rms_norm_grad"), warp_rows(r), &mut out, &mut dw_rows, fl(0)?, fl(1)?, fl(2)?, &rr, &di, eps);
+                launch!(self.f("sp_rms_norm_grad"), row_teams(r), &mut out, &mut dw_rows, fl(0)?, fl(1)?, fl(2)?, &rr, &di, eps);
                 self.sum_rows(&mut dw, &dw_rows, r, d)?;
                 return Ok(vec![wrap(out, &shapes[0]), wrap(dw, &shapes[1])]);
             }
@@ -1310,7 +1502,7 @@ fn weight_is_param(g: &Graph, n: NodeIndex) -> bool {
 fn writes_bf16(g: &Graph, n: NodeIndex, port: u32) -> bool {
     match &g.node(n).op {
         Op::Linear { bias: false } | Op::LinearGradInput => port == 0 && weight_is_param(g, n),
-        Op::Map { .. } => port == 0,
+        Op::Map { .. } | Op::FrameWeightedSum => port == 0,
         Op::Scan { emit, .. } => (port as usize) < emit.len(),
         Op::ScanAdjoint { neuron, .. } => (port as usize) < g.neurons[neuron].inputs.len(),
         _ => false,
@@ -1377,4 +1569,51 @@ fn copy_device(st: &Arc<cudarc::driver::CudaStream>, t: &DevTensor, dst: u64) ->
     // SAFETY: both buffers hold `bytes` bytes (the destination was allocated for this output).
     unsafe { drv!(cudarc::driver::result::memcpy_dtod_async(dst, t.ptr(st), bytes, st.cu_stream())) };
     Ok(())
+}
+
+/// How many nodes of each kind a CUDA graph has.
+fn graph_node_kinds(graph: cudarc::driver::sys::CUgraph) -> Result<BTreeMap<&'static str, usize>, CudaError> {
+    use cudarc::driver::sys::{self, CUgraphNodeType as T};
+    let mut count = 0usize;
+    // SAFETY: a null node array asks only for the count; then the array holds `count` nodes.
+    unsafe { drv!(sys::cuGraphGetNodes(graph, std::ptr::null_mut(), &mut count).result()) };
+    let mut nodes = vec![std::ptr::null_mut(); count];
+    unsafe { drv!(sys::cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut count).result()) };
+    let mut kinds = BTreeMap::new();
+    for node in nodes.into_iter().take(count) {
+        let mut t = T::CU_GRAPH_NODE_TYPE_EMPTY;
+        // SAFETY: node belongs to graph.
+        unsafe { drv!(sys::cuGraphNodeGetType(node, &mut t).result()) };
+        let kind = match t {
+            T::CU_GRAPH_NODE_TYPE_KERNEL => "kernel",
+            T::CU_GRAPH_NODE_TYPE_MEMCPY => "memcpy",
+            T::CU_GRAPH_NODE_TYPE_MEMSET => "memset",
+            T::CU_GRAPH_NODE_TYPE_MEM_ALLOC => "memalloc",
+            T::CU_GRAPH_NODE_TYPE_MEM_FREE => "memfree",
+            T::CU_GRAPH_NODE_TYPE_EMPTY => "empty",
+            _ => "other",
+        };
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    Ok(kinds)
+}
+
+/// Scan final-state results that can be written over the carried state they start from: the
+/// state input is read only by that scan, and the result only by the state output of the
+/// same name.
+fn carried_in_place(g: &Graph) -> HashMap<Value, String> {
+    let readers = |v: Value| g.g.edges_directed(v.node, petgraph::Direction::Outgoing).filter(move |e| e.weight().src == v.port).count();
+    let mut out = HashMap::new();
+    for (name, v) in &g.outputs {
+        let Op::Scan { neuron, emit, .. } = &g.node(v.node).op else { continue };
+        let m = &g.neurons[neuron];
+        let Some(i) = (v.port as usize).checked_sub(emit.len()).filter(|&i| i < m.state.len()) else { continue };
+        let init = g.operands(v.node)[m.inputs.len() + m.params.len() + i];
+        let is_this_input = matches!(&g.node(init.node).op, Op::Input { name: n } if n == name);
+        let named_once = g.outputs.iter().filter(|(_, w)| w == v).count() == 1;
+        if is_this_input && readers(init) == 1 && readers(*v) == 0 && named_once {
+            out.insert(*v, name.clone());
+        }
+    }
+    out
 }

@@ -163,14 +163,15 @@ fn signature(name: &str, model: &NeuronModel, io: &ScanIo, launch_bounds: bool) 
     for n in &model.params {
         p.push(format!("const float* __restrict__ p_{}", ident(n)));
     }
+    // Not restrict: a decode step's short scan writes its final state over its initial one.
     for st in &model.state {
-        p.push(format!("const float* __restrict__ init_{}", ident(&st.name)));
+        p.push(format!("const float* init_{}", ident(&st.name)));
     }
     for (k, t) in io.outputs.iter().enumerate() {
         p.push(format!("{}* __restrict__ o_{k}", t.c_type()));
     }
     for st in &model.state {
-        p.push(format!("float* __restrict__ fin_{}", ident(&st.name)));
+        p.push(format!("float* fin_{}", ident(&st.name)));
     }
     for st in &model.state {
         p.push(format!("float* __restrict__ ck_{}", ident(&st.name)));

@@ -358,7 +358,7 @@ fn resident_state_and_captured_steps_match_the_cpu() {
         for (step, t) in [3usize, 1, 1, 1, 1, 1, 2, 1].into_iter().enumerate() {
             let ids = Tensor::i64(vec![batch, t], (0..batch * t).map(|_| rng.below(cfg.vocab_size as u64) as i64).collect());
             let a = cpu.step(BTreeMap::from([("input_ids".to_string(), ids.clone())])).unwrap();
-            let b = gpu.step(BTreeMap::from([("input_ids".to_string(), ids)])).unwrap();
+            let b = gpu.step(BTreeMap::from([("input_ids".to_string(), ids)])).unwrap_or_else(|e| panic!("batch {batch} step {step} (T={t}): {e}"));
             let err = rel_l2(&b["logits"].to_f32_vec(), &a["logits"].to_f32_vec());
             assert!(err < 1e-5, "batch {batch} step {step} (T={t}): logits differ by {err:e}");
         }
