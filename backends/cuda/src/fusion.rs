@@ -10,6 +10,9 @@ use sparkc_ir::{BinOp, Expr, Graph, NodeIndex, Op, Value};
 use std::collections::{HashMap, HashSet};
 
 /// One fused chain, run at its last node (the anchor).
+/// The most frames the fused PonderNet kernel takes (`PONDER_FRAMES` in the library).
+const PONDER_FRAMES: u64 = 32;
+
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Fused {
     /// halt linear → ponder_weights → frame_weighted_sum: y = Σ_k λ̂_k F_k, with the halt
@@ -114,9 +117,11 @@ fn ponder_chain(
         return None;
     }
     let [x, weight, bias] = g.operands(halt)[..] else { return None };
-    // One halt logit per frame, computed from the frames being aggregated.
+    // One halt logit per frame, computed from the frames being aggregated; the kernel keeps
+    // up to PONDER_FRAMES frames in registers.
     let one_output = g.value_type(weight).shape.dims().first().and_then(|d| d.as_const()) == Some(1);
-    (x == frames && one_output).then(|| (Fused::PonderAggregate { frames, weight, bias, clamp, eps }, vec![halt, weights.node]))
+    let frames_fit = g.value_type(frames).shape.resolve(&g.dims).dims().get(2).and_then(|d| d.as_const()).is_some_and(|k| k <= PONDER_FRAMES);
+    (x == frames && one_output && frames_fit).then(|| (Fused::PonderAggregate { frames, weight, bias, clamp, eps }, vec![halt, weights.node]))
 }
 
 fn residual_chain(g: &Graph, add: NodeIndex, sole_reader: &dyn Fn(Value) -> Option<NodeIndex>) -> Option<(Fused, Vec<NodeIndex>)> {

@@ -124,22 +124,24 @@ extern "C" __global__ void sp_center_last(float* out, const float* x, long long 
 }
 
 /* The residual update of a sub-layer, fused for inference: out[r, f] = h[r, f] + (u[r] − mean u[r])
-   for each of the k frames f of row r (center_last, repeat_frames and the add in one pass). */
+   for each of the k frames f of row r (center_last, repeat_frames and the add in one pass).
+   Grid (rows, k): each block recomputes its row's mean (d values, from L2) and writes one frame,
+   so a decode step's single row still spreads over k blocks. */
 extern "C" __global__ void sp_centered_residual(float* out, const float* h, const float* u, long long rows, int k, int d) {
-    ROW_TEAM(r, rows)
+    const long long r = blockIdx.x;
+    const int f = blockIdx.y;
     const float* ur = u + r * d;
     double acc = 0.0;
-#pragma unroll 4
-    for (int j = lane; j < d; j += team) acc += (double)ur[j];
-    const float mean = (float)(sp_team_sum(acc) / d);
-    for (int j = lane; j < d; j += team) {
-        const float c = ur[j] - mean;
-#pragma unroll 4
-        for (int f = 0; f < k; ++f) {
-            const long long i = (r * k + f) * d + j;
-            out[i] = h[i] + c;
-        }
-    }
+    for (int j = threadIdx.x; j < d; j += blockDim.x) acc += (double)ur[j];
+    __shared__ double part[32];
+    acc = sp_warp_sum(acc);
+    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = acc;
+    __syncthreads();
+    double total = 0.0;
+    for (int w = 0; w < (int)(blockDim.x / 32); ++w) total += part[w];
+    const float mean = (float)(total / d);
+    const long long base = (r * k + f) * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[base + j] = h[base + j] + (ur[j] - mean);
 }
 
 /* PonderNet halting weights over K logits per row. */
@@ -175,52 +177,58 @@ extern "C" __global__ void sp_frame_weighted_sum(void* out, int out_bf16, const 
     }
 }
 
-/* PonderNet over one (b, t) row of k frames, fused for inference: the halt logits (a dot product
-   of each frame with w_h, plus b_h), the halting weights and the weighted sum of the frames,
-   written f32 or bf16. One block per row; dynamic shared memory holds k floats. */
+/* PonderNet over one (b, t) row of k <= PONDER_FRAMES frames, fused for inference: the halt
+   logits (a dot product of each frame with w_h, plus b_h), the halting weights and the weighted
+   sum of the frames, written f32 or bf16. One block per row: each thread loads its columns of
+   all k frames at once (a decode step has a single row, so the loads' latency is the cost). */
+#define PONDER_FRAMES 32
 extern "C" __global__ void sp_ponder_aggregate(void* out, int out_bf16, const float* x, const float* wh, const float* bh, long long rows, int k, int d, float clampv, float eps) {
-    extern __shared__ float lam[];
+    __shared__ float part[32][PONDER_FRAMES];
+    __shared__ float lam[PONDER_FRAMES];
     const long long r = blockIdx.x;
     if (r >= rows) return;
     const float* xr = x + r * k * d;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    for (int f = warp; f < k; f += warps) {
-        double acc = 0.0;
-#pragma unroll 4
-        for (int j = lane; j < d; j += 32) acc += (double)xr[f * d + j] * (double)wh[j];
-        acc = sp_warp_sum(acc);
-        if (lane == 0) lam[f] = (float)(acc + (double)bh[0]);
+    float acc[PONDER_FRAMES];
+#pragma unroll
+    for (int f = 0; f < PONDER_FRAMES; ++f) acc[f] = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        const float w = wh[j];
+#pragma unroll
+        for (int f = 0; f < PONDER_FRAMES; ++f)
+            if (f < k) acc[f] += xr[(long long)f * d + j] * w;
+    }
+#pragma unroll
+    for (int f = 0; f < PONDER_FRAMES; ++f) {
+        if (f < k) {
+            float v = acc[f];
+            for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(0xffffffffu, v, s);
+            if (lane == 0) part[warp][f] = v;
+        }
     }
     __syncthreads();
     if (warp == 0) {
-        /* Frames in chunks of 32, one per lane: survival is exp of the exclusive prefix sum of
-           log1p(-p), carried across chunks. */
-        float carry = 0.0f, total = 0.0f;
-        for (int f0 = 0; f0 < k; f0 += 32) {
-            const int f = f0 + lane;
-            const float p = f < k ? fminf(fmaxf(1.0f / (1.0f + expf(-lam[f])), clampv), 1.0f - clampv) : 0.0f;
-            const float lg = f < k ? log1pf(-p) : 0.0f;
-            float inc = lg;
-            for (int s = 1; s < 32; s <<= 1) {
-                const float t = __shfl_up_sync(0xffffffffu, inc, s);
-                if (lane >= s) inc += t;
-            }
-            const float l = f < k ? p * expf(carry + inc - lg) : 0.0f;
-            float chunk = l;
-            for (int s = 16; s > 0; s >>= 1) chunk += __shfl_xor_sync(0xffffffffu, chunk, s);
-            total += chunk;
-            carry += __shfl_sync(0xffffffffu, inc, 31);
-            __syncwarp();
-            if (f < k) lam[f] = l;
+        /* Lane f: frame f's logit, halting probability, and survival = exp of the exclusive
+           prefix sum of log1p(-p). */
+        float logit = bh[0];
+        if (lane < k) for (int w = 0; w < warps; ++w) logit += part[w][lane];
+        const float p = lane < k ? fminf(fmaxf(1.0f / (1.0f + expf(-logit)), clampv), 1.0f - clampv) : 0.0f;
+        const float lg = lane < k ? log1pf(-p) : 0.0f;
+        float inc = lg;
+        for (int s = 1; s < 32; s <<= 1) {
+            const float t = __shfl_up_sync(0xffffffffu, inc, s);
+            if (lane >= s) inc += t;
         }
-        __syncwarp();
-        for (int f = lane; f < k; f += 32) lam[f] /= total + eps;
+        const float l = lane < k ? p * expf(inc - lg) : 0.0f;
+        float total = l;
+        for (int s = 16; s > 0; s >>= 1) total += __shfl_xor_sync(0xffffffffu, total, s);
+        if (lane < k) lam[lane] = l / (total + eps);
     }
     __syncthreads();
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float acc = 0.0f;
-        for (int f = 0; f < k; ++f) acc += lam[f] * xr[f * d + j];
-        sp_st_as(out, out_bf16, r * d + j, acc);
+        float y = 0.0f;
+        for (int f = 0; f < k; ++f) y += lam[f] * xr[(long long)f * d + j];
+        sp_st_as(out, out_bf16, r * d + j, y);
     }
 }
 

@@ -996,7 +996,7 @@ impl GpuProgram {
                 let (rows, k, d) = ((s[0] * s[1]) as i64, s[2] as i32, s[3] as i32);
                 let bf16 = i32::from(y.elem() == Some(Elem::Bf16));
                 let (c, e) = (*clamp as f32, *eps as f32);
-                let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 4 * k.max(1) as u32 };
+                let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
                 let mut b = st.launch_builder(self.f("sp_ponder_aggregate"));
                 y.push_mut(&mut b);
                 b.arg(&bf16).arg(f32_in(0)?).arg(f32_in(1)?).arg(f32_in(2)?).arg(&rows).arg(&k).arg(&d).arg(&c).arg(&e);
@@ -1010,7 +1010,8 @@ impl GpuProgram {
                 let mut b = st.launch_builder(self.f("sp_centered_residual"));
                 b.arg(data).arg(f32_in(0)?).arg(f32_in(1)?).arg(&rows).arg(&k).arg(&d);
                 // SAFETY: the residual and y hold rows·k·d floats, the update rows·d.
-                unsafe { drv!(b.launch(row_teams(rows as usize))) };
+                let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, k.max(1) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                unsafe { drv!(b.launch(cfg)) };
             }
         }
         Ok(vec![y])
