@@ -87,6 +87,8 @@ __device__ __forceinline__ void sp_cp16(void* smem, const void* gmem) {
 }
 __device__ __forceinline__ void sp_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void sp_cp_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+/* The most frames a fused PonderNet kernel keeps in registers (fusion::PONDER_FRAMES). */
+#define PONDER_FRAMES 32
 /* How an operand of a broadcasting map is indexed from the output index i. */
 __device__ __forceinline__ long long sp_bcast(long long i, int mode, long long n) {
     return mode == 0 ? i : (mode == 1 ? i % n : (mode == 2 ? i / n : 0));
@@ -135,6 +137,78 @@ pub fn map_kernel_typed(name: &str, e: &Expr, ins: &[Elem], out: Elem) -> String
     let body = expr(e, &|v| v.strip_prefix('x').map(|k| format!("a{k}")).unwrap_or_else(|| ident(v)));
     let _ = writeln!(s, "    sp_st(out, i, {body});");
     let _ = writeln!(s, "  }}\n}}");
+    s
+}
+
+/// PonderNet over one (b, t) row of k <= PONDER_FRAMES frames, for inference: the halt logits (a
+/// dot product of each frame with w_h, plus b_h), the halting weights and the weighted sum of
+/// the frames, written f32 or bf16. Each frame element is `e` over the operands x0..xk (all of
+/// the frames' shape), so the element-wise map that makes the frames runs inside this kernel.
+/// One block per row: each thread loads its columns of all k frames at once (a decode step has
+/// a single row, so the loads' latency is the cost). Signature: (out, out_bf16, x0.., w_h, b_h,
+/// rows, k, d, clamp, eps).
+pub fn ponder_aggregate_kernel(name: &str, e: &Expr, ins: &[Elem]) -> String {
+    let mut s = String::new();
+    let params: Vec<String> = ins.iter().enumerate().map(|(i, t)| format!("const {}* __restrict__ x{i}", t.c_type())).collect();
+    let _ = writeln!(
+        s,
+        "extern \"C\" __global__ void {name}(void* out, int out_bf16, {}, const float* wh, const float* bh, long long rows, int k, int d, float clampv, float eps) {{",
+        params.join(", ")
+    );
+    let loads: String = (0..ins.len()).map(|i| format!("const float a{i} = sp_ld(x{i}, i); ")).collect();
+    let body = expr(e, &|v| v.strip_prefix('x').map(|k| format!("a{k}")).unwrap_or_else(|| ident(v)));
+    let _ = writeln!(s, "  auto frame = [&](long long i) -> float {{ {loads}return {body}; }};");
+    s.push_str(
+        r#"  __shared__ float part[32][PONDER_FRAMES];
+  __shared__ float lam[PONDER_FRAMES];
+  const long long r = blockIdx.x;
+  if (r >= rows) return;
+  const long long base = r * k * d;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  float acc[PONDER_FRAMES];
+#pragma unroll
+  for (int f = 0; f < PONDER_FRAMES; ++f) acc[f] = 0.0f;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    const float w = wh[j];
+#pragma unroll
+    for (int f = 0; f < PONDER_FRAMES; ++f)
+      if (f < k) acc[f] += frame(base + (long long)f * d + j) * w;
+  }
+#pragma unroll
+  for (int f = 0; f < PONDER_FRAMES; ++f) {
+    if (f < k) {
+      float v = acc[f];
+      for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(0xffffffffu, v, s);
+      if (lane == 0) part[warp][f] = v;
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+    /* Lane f: frame f's logit, halting probability, and survival = exp of the exclusive
+       prefix sum of log1p(-p). */
+    float logit = bh[0];
+    if (lane < k) for (int w = 0; w < warps; ++w) logit += part[w][lane];
+    const float p = lane < k ? fminf(fmaxf(1.0f / (1.0f + expf(-logit)), clampv), 1.0f - clampv) : 0.0f;
+    const float lg = lane < k ? log1pf(-p) : 0.0f;
+    float inc = lg;
+    for (int s = 1; s < 32; s <<= 1) {
+      const float t = __shfl_up_sync(0xffffffffu, inc, s);
+      if (lane >= s) inc += t;
+    }
+    const float l = lane < k ? p * expf(inc - lg) : 0.0f;
+    float total = l;
+    for (int s = 16; s > 0; s >>= 1) total += __shfl_xor_sync(0xffffffffu, total, s);
+    if (lane < k) lam[lane] = l / (total + eps);
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    float y = 0.0f;
+    for (int f = 0; f < k; ++f) y += lam[f] * frame(base + (long long)f * d + j);
+    if (out_bf16) sp_st((unsigned short*)out, r * d + j, y); else sp_st((float*)out, r * d + j, y);
+  }
+}
+"#,
+    );
     s
 }
 
@@ -206,6 +280,8 @@ mod tests {
         let m = map_kernel("m0", &sparkc_ir::parse_expr("softplus(x0 + x1) * x2").unwrap(), 3);
         assert!(m.contains("sp_softplus((a0 + a1))"), "{m}");
         let t = map_kernel_typed("m1", &sparkc_ir::parse_expr("x0 * x1").unwrap(), &[Elem::Bf16, Elem::F32], Elem::Bf16);
+        let p = ponder_aggregate_kernel("p0", &sparkc_ir::parse_expr("x0 * sigmoid(x1) + x2").unwrap(), &[Elem::Bf16, Elem::Bf16, Elem::F32]);
+        assert!(p.contains("return ((a0 * sp_sigmoid(a1)) + a2);") && p.contains("const unsigned short* __restrict__ x1, const float* __restrict__ x2, const float* wh"), "{p}");
         assert!(t.contains("unsigned short* __restrict__ out") && t.contains("const unsigned short* __restrict__ x0"), "{t}");
     }
 }

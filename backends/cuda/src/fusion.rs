@@ -10,24 +10,42 @@ use sparkc_ir::{BinOp, Expr, Graph, NodeIndex, Op, Value};
 use std::collections::{HashMap, HashSet};
 
 /// One fused chain, run at its last node (the anchor).
+/// The most linear layers one batched GEMM runs.
+pub(crate) const MAX_GROUP: usize = 4;
+
 /// The most frames the fused PonderNet kernel takes (`PONDER_FRAMES` in the library).
 const PONDER_FRAMES: u64 = 32;
 
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Fused {
-    /// halt linear → ponder_weights → frame_weighted_sum: y = Σ_k λ̂_k F_k, with the halt
-    /// logits computed from the frames F themselves.
-    PonderAggregate { frames: Value, weight: Value, bias: Value, clamp: f64, eps: f64 },
+    /// [map →] halt linear → ponder_weights → frame_weighted_sum: y = Σ_k λ̂_k F_k, with the
+    /// halt logits computed from the frames F themselves. F = `expr` over `operands`: the
+    /// element-wise map that makes the frames, when nothing else reads them, or `x0` of the
+    /// frames.
+    PonderAggregate { expr: Expr, operands: Vec<Value>, weight: Value, bias: Value, clamp: f64, eps: f64 },
     /// center_last → repeat_frames → `x0 + x1`: h + broadcast(u − mean u) over the frames.
     CenteredResidual { residual: Value, update: Value },
+    /// Bias-free linear layers of one input and equal weight shapes (the SNNBlock's four
+    /// D→DN projections): one batched GEMM. The anchor is the first of `members` to run; each
+    /// member's result is its own value.
+    LinearGroup { input: Value, weights: Vec<Value>, members: Vec<NodeIndex> },
 }
 
 impl Fused {
     /// The values the fused kernel reads, in place of the anchor's own operands.
     pub(crate) fn inputs(&self) -> Vec<Value> {
         match self {
-            Fused::PonderAggregate { frames, weight, bias, .. } => vec![*frames, *weight, *bias],
+            Fused::PonderAggregate { operands, weight, bias, .. } => operands.iter().copied().chain([*weight, *bias]).collect(),
             Fused::CenteredResidual { residual, update } => vec![*residual, *update],
+            Fused::LinearGroup { input, weights, .. } => std::iter::once(*input).chain(weights.iter().copied()).collect(),
+        }
+    }
+
+    /// The values the fused kernel produces, in the order it returns them.
+    pub(crate) fn results(&self, anchor: NodeIndex) -> Vec<Value> {
+        match self {
+            Fused::LinearGroup { members, .. } => members.iter().map(|&m| Value { node: m, port: 0 }).collect(),
+            _ => vec![Value { node: anchor, port: 0 }],
         }
     }
 
@@ -35,6 +53,7 @@ impl Fused {
         match self {
             Fused::PonderAggregate { .. } => "ponder_aggregate (fused)",
             Fused::CenteredResidual { .. } => "centered_residual (fused)",
+            Fused::LinearGroup { .. } => "linear group (batched)",
         }
     }
 }
@@ -62,7 +81,9 @@ impl FusionPlan {
 
 /// Find the fusable chains of `g`. `is_f32` says which values are stored as f32: the fused
 /// kernels read f32 (the frames and the residual stream are) and the residual update writes it.
-pub(crate) fn plan(g: &Graph, is_f32: impl Fn(Value) -> bool) -> FusionPlan {
+/// `order` is the execution order; with `group_linears`, linear layers that share their input
+/// and weight shape are batched (inference in bf16, where every weight has a bf16 copy).
+pub(crate) fn plan(g: &Graph, order: &[NodeIndex], group_linears: bool, is_f32: impl Fn(Value) -> bool) -> FusionPlan {
     let outputs: HashSet<Value> = g.outputs.iter().map(|(_, v)| *v).collect();
     // The one reader of v (and v is not a graph output), if it has exactly one.
     let sole_reader = |v: Value| -> Option<NodeIndex> {
@@ -82,14 +103,56 @@ pub(crate) fn plan(g: &Graph, is_f32: impl Fn(Value) -> bool) -> FusionPlan {
             _ => None,
         };
         let Some((fused, absorbed)) = fused else { continue };
-        // The aggregate is written in whatever its reader wants; the residual stream is f32.
-        let out_ok = matches!(fused, Fused::PonderAggregate { .. }) || is_f32(Value { node: n, port: 0 });
-        if out_ok && fused.inputs().iter().all(|&v| is_f32(v)) {
+        // The PonderNet kernel is generated for its operands' storage and writes what its reader
+        // wants; the residual kernel reads and writes f32 (as the residual stream is).
+        let typed = matches!(fused, Fused::PonderAggregate { .. });
+        if typed || (is_f32(Value { node: n, port: 0 }) && fused.inputs().iter().all(|&v| is_f32(v))) {
             plan.absorbed.extend(absorbed);
             plan.anchors.insert(n, fused);
         }
     }
+    if group_linears {
+        for (anchor, group) in linear_groups(g, order, &is_f32) {
+            if let Fused::LinearGroup { members, .. } = &group {
+                plan.absorbed.extend(members.iter().copied().filter(|&m| m != anchor));
+            }
+            plan.anchors.insert(anchor, group);
+        }
+    }
     plan
+}
+
+/// Groups of at least two `linear{bias=false}` nodes with the same input, parameter weights of
+/// one shape (more outputs than a narrow linear has) and outputs stored alike, keyed by the
+/// member that runs first.
+fn linear_groups(g: &Graph, order: &[NodeIndex], is_f32: &dyn Fn(Value) -> bool) -> Vec<(NodeIndex, Fused)> {
+    let mut groups: HashMap<(Value, Vec<Option<u64>>, bool), Vec<NodeIndex>> = HashMap::new();
+    for &n in order {
+        if !matches!(g.node(n).op, Op::Linear { bias: false }) {
+            continue;
+        }
+        let [x, w] = g.operands(n)[..] else { continue };
+        if !matches!(g.node(w.node).op, Op::Param { .. }) {
+            continue;
+        }
+        let shape: Vec<Option<u64>> = g.value_type(w).shape.dims().iter().map(|d| d.as_const()).collect();
+        if shape.first().copied().flatten().is_none_or(|o| o <= 4) {
+            continue;
+        }
+        groups.entry((x, shape, is_f32(Value { node: n, port: 0 }))).or_default().push(n);
+    }
+    // At most MAX_GROUP per batched call (its pointer table is written by one small kernel).
+    let mut out: Vec<(NodeIndex, Fused)> = groups
+        .into_iter()
+        .flat_map(|((input, _, _), members)| members.chunks(MAX_GROUP).map(|c| (input, c.to_vec())).collect::<Vec<_>>())
+        .filter(|(_, members)| members.len() >= 2)
+        .map(|(input, members)| {
+            let weights = members.iter().map(|&m| g.operands(m)[1]).collect();
+            (members[0], Fused::LinearGroup { input, weights, members })
+        })
+        .collect();
+    out.sort_by_key(|(anchor, _)| anchor.index());
+    out
 }
 
 /// `x0 + x1`, in either order.
@@ -121,7 +184,27 @@ fn ponder_chain(
     // up to PONDER_FRAMES frames in registers.
     let one_output = g.value_type(weight).shape.dims().first().and_then(|d| d.as_const()) == Some(1);
     let frames_fit = g.value_type(frames).shape.resolve(&g.dims).dims().get(2).and_then(|d| d.as_const()).is_some_and(|k| k <= PONDER_FRAMES);
-    (x == frames && one_output && frames_fit).then(|| (Fused::PonderAggregate { frames, weight, bias, clamp, eps }, vec![halt, weights.node]))
+    if x != frames || !one_output || !frames_fit {
+        return None;
+    }
+    let mut absorbed = vec![halt, weights.node];
+    // The map that makes the frames runs inside the kernel when only this chain reads them.
+    let readers: Vec<NodeIndex> = g.g.edges_directed(frames.node, petgraph::Direction::Outgoing).filter(|e| e.weight().src == frames.port).map(|e| e.target()).collect();
+    let frame_shape = &g.value_type(frames).shape;
+    let (expr, operands) = match &g.node(frames.node).op {
+        Op::Map { expr }
+            if readers.len() == 2
+                && readers.contains(&halt)
+                && readers.contains(&fws)
+                && !g.outputs.iter().any(|(_, v)| *v == frames)
+                && g.operands(frames.node).iter().all(|&v| &g.value_type(v).shape == frame_shape) =>
+        {
+            absorbed.push(frames.node);
+            (expr.clone(), g.operands(frames.node))
+        }
+        _ => (Expr::var("x0"), vec![frames]),
+    };
+    Some((Fused::PonderAggregate { expr, operands, weight, bias, clamp, eps }, absorbed))
 }
 
 fn residual_chain(g: &Graph, add: NodeIndex, sole_reader: &dyn Fn(Value) -> Option<NodeIndex>) -> Option<(Fused, Vec<NodeIndex>)> {
@@ -167,19 +250,34 @@ mod tests {
         let cfg = sparkc_frontend::NeuronSparkConfig::tiny();
         let layers = cfg.num_layers;
         let generation = sparkc_passes::prune::for_generation(&build_graph(&cfg, &GraphOptions::default()).unwrap());
-        let plan = plan(&generation, |_| true);
+        let order = generation.execution_order().unwrap();
+        let plan = plan(&generation, &order, false, |_| true);
         // Two sub-layers per layer, each with one PonderNet aggregate and one residual update.
         assert_eq!(count(&plan, |f| matches!(f, Fused::PonderAggregate { .. })), 2 * layers);
         assert_eq!(count(&plan, |f| matches!(f, Fused::CenteredResidual { .. })), 2 * layers);
-        assert_eq!(plan.absorbed.len(), 8 * layers);
+        // Halt, ponder weights, the map making the frames; centering and broadcast.
+        assert_eq!(plan.absorbed.len(), 10 * layers);
         assert_closed(&generation, &plan);
-        // Nothing fuses where a fused kernel would have to read bf16.
-        assert!(super::plan(&generation, |_| false).anchors.is_empty());
+        // Only the PonderNet kernel (generated for its operands' storage) fuses over bf16.
+        let bf16 = super::plan(&generation, &order, false, |_| false);
+        assert_eq!(bf16.anchors.len(), 2 * layers);
+        assert!(bf16.anchors.values().all(|f| matches!(f, Fused::PonderAggregate { .. })));
+        // Batched: per layer the four D→DN projections, W_gate with W_skip, gate_proj with up_proj.
+        let grouped = super::plan(&generation, &order, true, |_| true);
+        assert_eq!(count(&grouped, |f| matches!(f, Fused::LinearGroup { members, .. } if members.len() == 4)), layers);
+        assert_eq!(count(&grouped, |f| matches!(f, Fused::LinearGroup { members, .. } if members.len() == 2)), 2 * layers);
+        for (&anchor, f) in &grouped.anchors {
+            if let Fused::LinearGroup { members, weights, input } = f {
+                assert_eq!(members[0], anchor);
+                assert_eq!(f.results(anchor).len(), members.len());
+                assert!(members.iter().zip(weights).all(|(&m, &w)| generation.operands(m) == vec![*input, w]));
+            }
+        }
 
         // Training: the backward reads the PonderNet weights, so the aggregate stays unfused.
         let built = build_graph(&cfg, &GraphOptions { with_loss: true, ..Default::default() }).unwrap();
         let train = sparkc_passes::autodiff::differentiate(&built, "total_loss", &[]).unwrap();
-        let plan = super::plan(&train, |_| true);
+        let plan = super::plan(&train, &train.execution_order().unwrap(), false, |_| true);
         assert_eq!(count(&plan, |f| matches!(f, Fused::PonderAggregate { .. })), 0);
         assert_closed(&train, &plan);
     }

@@ -28,6 +28,14 @@ extern "C" __global__ void sp_mean_frames(float* out, const float* x, long long 
     }
 }
 
+/* A batched GEMM's pointer table (up to 12 entries), written in stream order: inside a captured
+   step it is rewritten by the graph itself on every replay. */
+extern "C" __global__ void sp_pointer_table(unsigned long long* t, int n, unsigned long long p0, unsigned long long p1, unsigned long long p2, unsigned long long p3,
+    unsigned long long p4, unsigned long long p5, unsigned long long p6, unsigned long long p7, unsigned long long p8, unsigned long long p9, unsigned long long p10, unsigned long long p11) {
+    const unsigned long long p[12] = {p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11};
+    if (threadIdx.x < n) t[threadIdx.x] = p[threadIdx.x];
+}
+
 /* Zero `words` 4-byte words, then a 2-byte tail if `tail` (a bf16 buffer of odd length). */
 extern "C" __global__ void sp_zero(unsigned int* p, long long words, int tail) {
     GRID_STRIDE(i, words) p[i] = 0u;
@@ -174,61 +182,6 @@ extern "C" __global__ void sp_frame_weighted_sum(void* out, int out_bf16, const 
         float acc = 0.0f;
         for (int f = 0; f < k; ++f) acc += w[r * k + f] * x[(r * k + f) * d + c];
         sp_st_as(out, out_bf16, i, acc);
-    }
-}
-
-/* PonderNet over one (b, t) row of k <= PONDER_FRAMES frames, fused for inference: the halt
-   logits (a dot product of each frame with w_h, plus b_h), the halting weights and the weighted
-   sum of the frames, written f32 or bf16. One block per row: each thread loads its columns of
-   all k frames at once (a decode step has a single row, so the loads' latency is the cost). */
-#define PONDER_FRAMES 32
-extern "C" __global__ void sp_ponder_aggregate(void* out, int out_bf16, const float* x, const float* wh, const float* bh, long long rows, int k, int d, float clampv, float eps) {
-    __shared__ float part[32][PONDER_FRAMES];
-    __shared__ float lam[PONDER_FRAMES];
-    const long long r = blockIdx.x;
-    if (r >= rows) return;
-    const float* xr = x + r * k * d;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    float acc[PONDER_FRAMES];
-#pragma unroll
-    for (int f = 0; f < PONDER_FRAMES; ++f) acc[f] = 0.0f;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        const float w = wh[j];
-#pragma unroll
-        for (int f = 0; f < PONDER_FRAMES; ++f)
-            if (f < k) acc[f] += xr[(long long)f * d + j] * w;
-    }
-#pragma unroll
-    for (int f = 0; f < PONDER_FRAMES; ++f) {
-        if (f < k) {
-            float v = acc[f];
-            for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(0xffffffffu, v, s);
-            if (lane == 0) part[warp][f] = v;
-        }
-    }
-    __syncthreads();
-    if (warp == 0) {
-        /* Lane f: frame f's logit, halting probability, and survival = exp of the exclusive
-           prefix sum of log1p(-p). */
-        float logit = bh[0];
-        if (lane < k) for (int w = 0; w < warps; ++w) logit += part[w][lane];
-        const float p = lane < k ? fminf(fmaxf(1.0f / (1.0f + expf(-logit)), clampv), 1.0f - clampv) : 0.0f;
-        const float lg = lane < k ? log1pf(-p) : 0.0f;
-        float inc = lg;
-        for (int s = 1; s < 32; s <<= 1) {
-            const float t = __shfl_up_sync(0xffffffffu, inc, s);
-            if (lane >= s) inc += t;
-        }
-        const float l = lane < k ? p * expf(inc - lg) : 0.0f;
-        float total = l;
-        for (int s = 16; s > 0; s >>= 1) total += __shfl_xor_sync(0xffffffffu, total, s);
-        if (lane < k) lam[lane] = l / (total + eps);
-    }
-    __syncthreads();
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float y = 0.0f;
-        for (int f = 0; f < k; ++f) y += lam[f] * xr[(long long)f * d + j];
-        sp_st_as(out, out_bf16, r * d + j, y);
     }
 }
 

@@ -177,6 +177,10 @@ pub struct GpuProgram {
     pub(crate) params: BTreeMap<String, DevTensor>,
     /// Identity (data address and length) of the host parameters last uploaded.
     pub(crate) uploaded_from: BTreeMap<String, (usize, usize)>,
+    /// The parameter map the last complete [`GpuProgram::set_params`] saw, as (key, data,
+    /// shape) identities per entry: a decode step passes the same map every token, and
+    /// checking 300 parameters one by one took longer than a fifth of the step.
+    pub(crate) params_seen: Vec<[usize; 5]>,
     /// Per-node CUDA events of the runs made while profiling (see [`GpuProgram::profile`]).
     profile: Option<std::cell::RefCell<Vec<(NodeIndex, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>>,
     /// Device-side training state (gradient accumulators, Adam moments), when used.
@@ -233,7 +237,7 @@ impl GpuProgram {
         src.push_str(LIBRARY);
         let mut names = vec![
             "sp_embedding", "sp_linear_narrow", "sp_repeat_frames", "sp_mean_frames", "sp_add_bias", "sp_rms_norm", "sp_center_last",
-            "sp_centered_residual", "sp_zero", "sp_ponder_weights", "sp_frame_weighted_sum", "sp_ponder_aggregate", "sp_cross_entropy", "sp_masked_mean", "sp_to_bf16",
+            "sp_centered_residual", "sp_zero", "sp_pointer_table", "sp_ponder_weights", "sp_frame_weighted_sum", "sp_cross_entropy", "sp_masked_mean", "sp_to_bf16",
             "sp_sum_rows", "sp_sum_rows_partial", "sp_sum_chunks", "sp_sum_all_partial", "sp_sum_inner", "sp_embedding_grad", "sp_sum_frames", "sp_rms_norm_grad", "sp_ponder_weights_grad",
             "sp_frame_weighted_sum_grad_frames", "sp_frame_weighted_sum_grad_weights", "sp_cross_entropy_grad", "sp_mean_grad",
             "sp_accumulate", "sp_sum_squares", "sp_adam",
@@ -243,7 +247,8 @@ impl GpuProgram {
         .collect::<Vec<_>>();
         let storage = if precision == Precision::Bf16 { plan_storage(graph) } else { HashMap::new() };
         let elem = |v: Value| storage.get(&v).copied().unwrap_or(Elem::F32);
-        let fusion = fusion::plan(graph, |v| elem(v) == Elem::F32);
+        let inference = !graph.g.node_indices().any(|n| matches!(graph.node(n).op, Op::LinearGradWeight));
+        let fusion = fusion::plan(graph, &order, precision == Precision::Bf16 && inference, |v| elem(v) == Elem::F32);
         let tape_of = pair_reverse_scans(graph);
         let taped: HashSet<NodeIndex> = tape_of.values().copied().collect();
         let mut tiled = HashMap::new();
@@ -263,6 +268,12 @@ impl GpuProgram {
             }
             name
         };
+        for (&n, f) in &fusion.anchors {
+            if let Fused::PonderAggregate { expr, operands, .. } = f {
+                let ins: Vec<Elem> = operands.iter().map(|&v| elem(v)).collect();
+                kernel_of.insert(n, add_kernel("ponder", codegen::ponder_aggregate_kernel(PLACEHOLDER, expr, &ins)));
+            }
+        }
         let mut last_use = HashMap::new();
         for (pos, &n) in order.iter().enumerate() {
             let node = graph.node(n);
@@ -388,6 +399,7 @@ impl GpuProgram {
             capturable: !graph.g.node_indices().any(|n| matches!(graph.node(n).op, Op::EmbeddingGrad)),
             params: BTreeMap::new(),
             uploaded_from: BTreeMap::new(),
+            params_seen: Vec::new(),
             training: Default::default(),
             profile: None,
         })
@@ -419,6 +431,17 @@ impl GpuProgram {
 
     /// Keep device copies of the parameters; re-uploads only the ones whose host buffer changed.
     pub fn set_params(&mut self, params: &BTreeMap<String, Tensor>) -> Result<(), CudaError> {
+        let seen: Vec<[usize; 5]> = params
+            .iter()
+            .map(|(k, t)| {
+                let (ptr, len) = t.as_f32().map(|d| (d.as_ptr() as usize, d.len())).unwrap_or((0, 0));
+                [k.as_ptr() as usize, k.len(), ptr, len, t.shape.iter().fold(t.shape.len(), |h, &d| h.wrapping_mul(31).wrapping_add(d))]
+            })
+            .collect();
+        if !self.params_seen.is_empty() && seen == self.params_seen {
+            return Ok(());
+        }
+        self.params_seen.clear();
         for (_, name, ty) in self.graph.params() {
             let t = params.get(name).ok_or_else(|| CudaError::Input(format!("missing parameter `{name}`")))?;
             let want = ty.shape.concrete(&self.graph.dims).map_err(|s| CudaError::Input(format!("parameter `{name}` has a free dimension {s}")))?;
@@ -437,6 +460,7 @@ impl GpuProgram {
                 self.uploaded_from.insert(name.to_string(), id);
             }
         }
+        self.params_seen = seen;
         Ok(())
     }
 
@@ -444,6 +468,7 @@ impl GpuProgram {
     /// [`GpuProgram::set_params`] uploads everything again (after in-place updates).
     pub fn forget_params(&mut self) {
         self.uploaded_from.clear();
+        self.params_seen.clear();
     }
 
     fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>, CudaError> {
@@ -643,7 +668,17 @@ impl GpuProgram {
                 Op::Input { .. } => vec![fed.remove(&n).expect("inputs are bound")],
                 Op::Param { name } => vec![Slot::Param(self.params.get(name).ok_or_else(|| CudaError::Input(format!("parameter `{name}` was not uploaded")))?)],
                 _ => {
-                    let ops: Vec<&DevTensor> = self.fusion.inputs_of(&self.graph, n).iter().map(|v| values[v].get()).collect();
+                    // A batched group's later weights are read before their param nodes' turn.
+                    let ops: Vec<&DevTensor> = self
+                        .fusion
+                        .inputs_of(&self.graph, n)
+                        .iter()
+                        .map(|v| match (values.get(v), &self.graph.node(v.node).op) {
+                            (Some(slot), _) => Ok(slot.get()),
+                            (None, Op::Param { name }) => self.params.get(name).ok_or_else(|| CudaError::Input(format!("parameter `{name}` was not uploaded"))),
+                            (None, _) => Err(CudaError::Unsupported(format!("`{}` reads a value not computed yet", node.name))),
+                        })
+                        .collect::<Result<_, _>>()?;
                     let start = self.profile.as_ref().map(|_| self.timing_event()).transpose()?;
                     let out = self.exec(n, &ops, &shapes, &mut tapes).map_err(|e| match e {
                         CudaError::Driver(m) => CudaError::Driver(format!("{m} (at node `{}`)", node.name)),
@@ -655,8 +690,11 @@ impl GpuProgram {
                     out.into_iter().map(Slot::Owned).collect()
                 }
             };
-            for (port, t) in results.into_iter().enumerate() {
-                let v = Value { node: n, port: port as u32 };
+            let produced: Vec<Value> = match self.fusion.anchors.get(&n) {
+                Some(f) => f.results(n),
+                None => (0..results.len() as u32).map(|port| Value { node: n, port }).collect(),
+            };
+            for (v, t) in produced.into_iter().zip(results) {
                 if let Some(name) = self.early_outputs.get(&v) {
                     emit(name, t.get())?;
                 }
@@ -985,25 +1023,114 @@ impl GpuProgram {
         Ok(t)
     }
 
+    /// Linear layers of one input (`ins[0]`) and weights `ins[1..]` of one shape as one batched
+    /// bf16 GEMM (cublasGemmBatchedEx) over the weights' bf16 copies; a result per member.
+    fn linear_group(&self, members: &[NodeIndex], ins: &[&DevTensor], shape: &[usize]) -> Result<Vec<DevTensor>, CudaError> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        use cudarc::driver::DevicePtr;
+        let st = &self.gpu.stream;
+        let (o, i) = (ins[1].shape()[0], ins[1].shape()[1]);
+        let m = ins[0].shape().iter().product::<usize>() / i.max(1);
+        let mut outs = members.iter().map(|&mb| self.alloc_value(Value { node: mb, port: 0 }, shape)).collect::<Result<Vec<_>, _>>()?;
+        if m == 0 || o == 0 || i == 0 {
+            for y in outs.iter_mut() {
+                self.zero(y)?;
+            }
+            return Ok(outs);
+        }
+        let (x, _keep) = self.bf16_operand(ins[0])?;
+        // Pointer arrays: the weights' bf16 copies, the shared input, the outputs.
+        let mut table: Vec<u64> = Vec::with_capacity(3 * members.len());
+        for &mb in members {
+            let w = self.weight_bf16(mb).ok_or_else(|| CudaError::Unsupported("a batched linear needs bf16 weight copies".into()))?;
+            table.push(w.device_ptr(st).0);
+        }
+        table.extend(std::iter::repeat_n(x, members.len()));
+        table.extend(outs.iter().map(|y| y.ptr(st)));
+        // SAFETY: written below before the GEMM reads it.
+        let mut dev = unsafe { self.raw_alloc::<u64>(table.len()) }?;
+        if table.len() > 12 {
+            return Err(CudaError::Unsupported(format!("a batched linear of {} members (at most {})", members.len(), fusion::MAX_GROUP)));
+        }
+        // Written by a kernel in stream order (a captured step rewrites it on every replay).
+        let mut padded = [0u64; 12];
+        padded[..table.len()].copy_from_slice(&table);
+        let n = table.len() as i32;
+        let mut b = st.launch_builder(self.f("sp_pointer_table"));
+        b.arg(&mut dev).arg(&n);
+        for p in &padded {
+            b.arg(p);
+        }
+        // SAFETY: dev holds table.len() u64s; the kernel writes the first n.
+        unsafe { drv!(b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 })) };
+        drop(b);
+        let base = dev.device_ptr(st).0;
+        let count = members.len() as u64;
+        let c_type = match outs[0] {
+            DevTensor::Bf16 { .. } => cudaDataType::CUDA_R_16BF,
+            _ => cudaDataType::CUDA_R_32F,
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Row-major y[M,O] = x[M,I]·w[O,I]ᵀ per member, as in `weight_gemm`.
+        // SAFETY: the table holds `count` pointers each to weights (O×I), input (M×I) and
+        // outputs (M×O), all alive until the GEMM has run (the table and a converted input are
+        // freed in stream order after it, or, while capturing, reused only by later kernels).
+        let r = unsafe {
+            cudarc::cublas::sys::cublasGemmBatchedEx(
+                *self.gpu.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                o as i32,
+                m as i32,
+                i as i32,
+                (&alpha) as *const f32 as *const _,
+                base as *const *const _,
+                cudaDataType::CUDA_R_16BF,
+                i as i32,
+                (base + 8 * count) as *const *const _,
+                cudaDataType::CUDA_R_16BF,
+                i as i32,
+                (&beta) as *const f32 as *const _,
+                (base + 16 * count) as *const *mut _,
+                c_type,
+                o as i32,
+                count as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if r != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(CudaError::Driver(format!("cublasGemmBatchedEx: {r:?}")));
+        }
+        Ok(outs)
+    }
+
     /// Run a fused chain (see [`crate::fusion`]) at its anchor `n`; `ins` are the chain's inputs.
     fn exec_fused(&self, n: NodeIndex, fused: &Fused, ins: &[&DevTensor], shape: &[usize]) -> Result<Vec<DevTensor>, CudaError> {
         let st = &self.gpu.stream;
         let f32_in = |i: usize| ins[i].f32().ok_or_else(|| CudaError::Input(format!("`{}`: fused operand {i} must be f32", self.graph.node(n).name)));
         let mut y = self.alloc_value(Value { node: n, port: 0 }, shape)?;
         match fused {
-            Fused::PonderAggregate { clamp, eps, .. } => {
+            Fused::PonderAggregate { operands, clamp, eps, .. } => {
                 let s = ins[0].shape();
                 let (rows, k, d) = ((s[0] * s[1]) as i64, s[2] as i32, s[3] as i32);
                 let bf16 = i32::from(y.elem() == Some(Elem::Bf16));
                 let (c, e) = (*clamp as f32, *eps as f32);
                 let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-                let mut b = st.launch_builder(self.f("sp_ponder_aggregate"));
+                let nops = operands.len();
+                let mut b = st.launch_builder(self.f(&self.kernel_of[&n]));
                 y.push_mut(&mut b);
-                b.arg(&bf16).arg(f32_in(0)?).arg(f32_in(1)?).arg(f32_in(2)?).arg(&rows).arg(&k).arg(&d).arg(&c).arg(&e);
-                // SAFETY: frames hold rows·k·d floats, the halt weight d and bias 1, y rows·d
-                // elements of its storage type; shared memory holds k floats.
+                b.arg(&bf16);
+                for t in &ins[..nops] {
+                    t.push(&mut b);
+                }
+                b.arg(f32_in(nops)?).arg(f32_in(nops + 1)?).arg(&rows).arg(&k).arg(&d).arg(&c).arg(&e);
+                // SAFETY: the generated kernel takes (out, out_bf16, the operands typed as
+                // stored, each rows·k·d elements, the halt weight (d) and bias (1), sizes);
+                // y holds rows·d elements of its storage type.
                 unsafe { drv!(b.launch(cfg)) };
             }
+            Fused::LinearGroup { members, .. } => return self.linear_group(members, ins, shape),
             Fused::CenteredResidual { .. } => {
                 let (rows, k, d) = ((shape[0] * shape[1]) as i64, shape[2] as i32, shape[3] as i32);
                 let DevTensor::F32 { data, .. } = &mut y else { return Err(CudaError::Unsupported("the residual stream is f32".into())) };

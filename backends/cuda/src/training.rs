@@ -133,6 +133,7 @@ impl GpuProgram {
     /// device copies without uploading them again.
     pub fn download_params(&mut self) -> Result<BTreeMap<String, Tensor>, CudaError> {
         let mut out = BTreeMap::new();
+        self.params_seen.clear();
         for (name, t) in &self.params {
             let host = self.download(t)?;
             let data = host.as_f32().expect("parameters are f32");

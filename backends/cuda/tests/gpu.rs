@@ -364,4 +364,20 @@ fn resident_state_and_captured_steps_match_the_cpu() {
         }
         assert!(gpu.state().is_empty(), "the GPU session keeps its state on the device");
     }
+    // bf16, as `sparkc generate --precision bf16` runs it: the generation graph (pruned to
+    // logits and state), whose shared-input projections run as batched GEMMs. Every step,
+    // captured or not, stays within the bf16 tolerance of the goldens test.
+    let generation = sparkc_passes::prune::for_generation(&maybe_fused(build_graph(&cfg, &GraphOptions::default()).unwrap(), true));
+    let program = GpuProgram::compile_with(Gpu::new(0).unwrap(), &generation, sparkc_backend_cuda::program::Precision::Bf16).unwrap();
+    let mut bf16 = Session::new(program, init_params(&cfg, 3));
+    cpu.reset(2);
+    bf16.reset(2);
+    for (step, t) in [3usize, 1, 1, 1, 1, 2, 1, 1].into_iter().enumerate() {
+        let ids = Tensor::i64(vec![2, t], (0..2 * t).map(|_| rng.below(cfg.vocab_size as u64) as i64).collect());
+        let a = cpu.step(BTreeMap::from([("input_ids".to_string(), ids.clone())])).unwrap();
+        let b = bf16.step(BTreeMap::from([("input_ids".to_string(), ids)])).unwrap_or_else(|e| panic!("bf16 step {step} (T={t}): {e}"));
+        let err = rel_l2(&b["logits"].to_f32_vec(), &a["logits"].to_f32_vec());
+        assert!(err < 1e-1, "bf16 step {step} (T={t}): logits differ by {err:e}");
+    }
+    assert!(bf16.executor().captured_step_nodes().unwrap().is_some(), "the one-token step was captured");
 }
