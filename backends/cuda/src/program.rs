@@ -96,9 +96,13 @@ struct Resident {
 /// outputs to.
 struct Captured {
     key: Vec<(String, Vec<usize>)>,
+    /// The inputs fed from the host per step: name, input node, dtype.
+    feeds: Vec<(String, NodeIndex, DType)>,
     inputs: BTreeMap<String, DevTensor>,
     outputs: BTreeMap<String, DevTensor>,
     graph: cudarc::driver::CudaGraph,
+    /// Batched GEMMs' pointer tables the graph reads (dropped after it).
+    _tables: GraphTables,
 }
 
 pub(crate) enum Slot<'a> {
@@ -164,6 +168,8 @@ pub struct GpuProgram {
     /// Where a step being captured allocates (made at the first capture), and whether one is.
     capture_pool: std::cell::OnceCell<CapturePool>,
     capturing: std::cell::Cell<bool>,
+    /// Pointer tables of the step being captured, handed to its graph.
+    graph_tables: std::cell::RefCell<GraphTables>,
     /// Final-state results of scans that may be written over the carried state they start
     /// from (the state's only reader is that scan, and the result is read by nothing but the
     /// state output): final value → the state's name.
@@ -393,6 +399,7 @@ impl GpuProgram {
             resident: None,
             capture_pool: Default::default(),
             capturing: Default::default(),
+            graph_tables: Default::default(),
             carried_in_place: carried_in_place(graph),
             state_buffers: Default::default(),
             written_in_place: Default::default(),
@@ -816,6 +823,17 @@ impl GpuProgram {
     }
 
     fn step_resident(&self, res: &mut Resident, inputs: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, CudaError> {
+        let st = &self.gpu.stream;
+        // A step like the captured one replays it; checked straight against the inputs, as
+        // binding dimensions and scanning the graph's inputs took longer than the launch.
+        if let Some(c) = res.captured.as_mut().filter(|c| c.key.iter().all(|(name, shape)| inputs.get(name).is_some_and(|t| &t.shape == shape))) {
+            for (name, node, dtype) in &c.feeds {
+                let t = self.host_input(*node, name, *dtype, inputs)?;
+                upload_into(st, &t, c.inputs.get_mut(name).expect("captured inputs"))?;
+            }
+            drv!(c.graph.launch());
+            return c.outputs.iter().map(|(k, t)| Ok((k.clone(), self.download(t)?))).collect();
+        }
         let kept: HashSet<String> = res.state.keys().cloned().collect();
         let env = self.bind(inputs, &kept)?;
         let mut host = BTreeMap::new();
@@ -825,14 +843,6 @@ impl GpuProgram {
             }
         }
         let key: Vec<(String, Vec<usize>)> = host.iter().map(|(k, (_, t))| (k.clone(), t.shape.clone())).collect();
-        let st = &self.gpu.stream;
-        if let Some(c) = res.captured.as_mut().filter(|c| c.key == key) {
-            for (name, (_, t)) in &host {
-                upload_into(st, t, c.inputs.get_mut(name).expect("captured inputs"))?;
-            }
-            drv!(c.graph.launch());
-            return c.outputs.iter().map(|(k, t)| Ok((k.clone(), self.download(t)?))).collect();
-        }
         let capture = self.capturable && res.seen.as_ref() == Some(&key);
         // Inputs in buffers that outlive this run (a captured graph reads them again).
         let mut in_bufs: BTreeMap<String, DevTensor> = BTreeMap::new();
@@ -897,12 +907,16 @@ impl GpuProgram {
             return Ok(downloaded);
         }
         self.capturing.set(false);
+        if walked.is_err() {
+            drop(self.graph_tables.take());
+        }
         let graph = st.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
         walked?;
         let graph = graph.map_err(|e| CudaError::Driver(format!("capturing the step: {e:?}")))?.ok_or_else(|| CudaError::Driver("stream capture produced no graph".into()))?;
         drv!(graph.launch());
         let outputs: BTreeMap<String, Tensor> = out_bufs.iter().map(|(k, t)| Ok((k.clone(), self.download(t)?))).collect::<Result<_, CudaError>>()?;
-        res.captured = Some(Captured { key, inputs: in_bufs, outputs: out_bufs, graph });
+        let feeds = host.iter().map(|(name, (n, _))| (name.clone(), *n, self.graph.value_type(Value { node: *n, port: 0 }).dtype)).collect();
+        res.captured = Some(Captured { key, feeds, _tables: self.graph_tables.take(), inputs: in_bufs, outputs: out_bufs, graph });
         Ok(outputs)
     }
 
@@ -1023,6 +1037,21 @@ impl GpuProgram {
         Ok(t)
     }
 
+    /// Write a batched GEMM's pointer table (at most 12 entries) with a kernel, in stream order.
+    fn write_pointer_table(&self, dev: &mut CudaSlice<u64>, table: &[u64]) -> Result<(), CudaError> {
+        let mut padded = [0u64; 12];
+        padded[..table.len()].copy_from_slice(table);
+        let n = table.len() as i32;
+        let mut b = self.gpu.stream.launch_builder(self.f("sp_pointer_table"));
+        b.arg(dev).arg(&n);
+        for p in &padded {
+            b.arg(p);
+        }
+        // SAFETY: dev holds table.len() u64s; the kernel writes the first n.
+        unsafe { drv!(b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 })) };
+        Ok(())
+    }
+
     /// Linear layers of one input (`ins[0]`) and weights `ins[1..]` of one shape as one batched
     /// bf16 GEMM (cublasGemmBatchedEx) over the weights' bf16 copies; a result per member.
     fn linear_group(&self, members: &[NodeIndex], ins: &[&DevTensor], shape: &[usize]) -> Result<Vec<DevTensor>, CudaError> {
@@ -1047,24 +1076,20 @@ impl GpuProgram {
         }
         table.extend(std::iter::repeat_n(x, members.len()));
         table.extend(outs.iter().map(|y| y.ptr(st)));
-        // SAFETY: written below before the GEMM reads it.
-        let mut dev = unsafe { self.raw_alloc::<u64>(table.len()) }?;
         if table.len() > 12 {
             return Err(CudaError::Unsupported(format!("a batched linear of {} members (at most {})", members.len(), fusion::MAX_GROUP)));
         }
-        // Written by a kernel in stream order (a captured step rewrites it on every replay).
-        let mut padded = [0u64; 12];
-        padded[..table.len()].copy_from_slice(&table);
-        let n = table.len() as i32;
-        let mut b = st.launch_builder(self.f("sp_pointer_table"));
-        b.arg(&mut dev).arg(&n);
-        for p in &padded {
-            b.arg(p);
-        }
-        // SAFETY: dev holds table.len() u64s; the kernel writes the first n.
-        unsafe { drv!(b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 })) };
-        drop(b);
-        let base = dev.device_ptr(st).0;
+        let mut _table_buffer = None;
+        let base = if self.capturing.get() {
+            // A captured step's table never changes: written once now, into memory the graph
+            // keeps (no node per replay).
+            self.graph_tables.borrow_mut().add(&table)?
+        } else {
+            // SAFETY: written by the next call, before the GEMM reads it.
+            let dev = _table_buffer.insert(unsafe { self.raw_alloc::<u64>(table.len()) }?);
+            self.write_pointer_table(dev, &table)?;
+            dev.device_ptr(st).0
+        };
         let count = members.len() as u64;
         let c_type = match outs[0] {
             DevTensor::Bf16 { .. } => cudaDataType::CUDA_R_16BF,
@@ -1744,4 +1769,38 @@ fn carried_in_place(g: &Graph) -> HashMap<Value, String> {
         }
     }
     out
+}
+
+/// Device memory of a captured step's constant pointer tables: allocated and written
+/// synchronously while capturing (so the graph holds no node for them), freed with the graph.
+#[derive(Default)]
+struct GraphTables(Vec<cudarc::driver::sys::CUdeviceptr>);
+
+impl GraphTables {
+    /// A device copy of `table`; its address.
+    fn add(&mut self, table: &[u64]) -> Result<u64, CudaError> {
+        use cudarc::driver::sys;
+        let bytes = std::mem::size_of_val(table);
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: ptr receives an allocation of `bytes`, then `table` is copied into it; plain
+        // (not stream-ordered) calls, allowed in a relaxed capture and not captured.
+        unsafe {
+            drv!(sys::cuMemAlloc_v2(&mut ptr, bytes.max(8)).result());
+            self.0.push(ptr);
+            drv!(sys::cuMemcpyHtoD_v2(ptr, table.as_ptr() as *const _, bytes).result());
+        }
+        Ok(ptr)
+    }
+}
+
+impl Drop for GraphTables {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            // SAFETY: allocated by `add`; the graph reading it is destroyed first (field order
+            // of `Captured`) or was never made.
+            unsafe {
+                let _ = cudarc::driver::sys::cuMemFree_v2(p);
+            }
+        }
+    }
 }
