@@ -79,6 +79,9 @@ pub fn run(a: &Args) -> Result<()> {
         let mut session = Session::new(GpuProgram::compile_with(Gpu::new(0)?, &generation_graph, precision)?, params.clone());
         prefill_timings(a, &cfg, &mut session, precision, &mut json)?;
         decode_timings(&cfg, &mut session, precision, &mut json)?;
+        if precision == Precision::Bf16 {
+            profiles(a, &cfg, &mut session, &mut json)?;
+        }
     }
     if part("decode") && !part("inference") {
         let mut session = Session::new(GpuProgram::compile_with(Gpu::new(0)?, &generation_graph, Precision::Bf16)?, params.clone());
@@ -133,17 +136,23 @@ fn prefill_timings(
     println!("\nmodel {} (D {}, layers {}, K {}), {tag} GEMMs, end to end including host transfers", a.config, cfg.d, cfg.num_layers, cfg.k);
     println!("  prefill B=1 T={t}: {prefill_ms:.1} ms");
     json.insert(format!("prefill_ms_{tag}"), prefill_ms.into());
-    if precision == Precision::Bf16 {
-        session.reset(1);
-        session.executor_mut().set_profiling(true);
-        session.step(BTreeMap::from([("input_ids".to_string(), ids(1, t))]))?;
-        print_profile(&session.executor().profile()?, json, "prefill_profile");
-        // A one-token step run node by node (the timed ones replay a CUDA graph).
-        session.step(BTreeMap::from([("input_ids".to_string(), ids(1, 1))]))?;
-        print_profile(&session.executor().profile()?, json, "decode_step_profile");
-        session.executor_mut().set_profiling(false);
-    }
     json.insert("prefill_tokens".into(), t.into());
+    Ok(())
+}
+
+/// Per-node profiles of a prefill and of a one-token step run node by node (the timed decode
+/// steps replay a CUDA graph). Run after the timings, which they would otherwise disturb.
+fn profiles(a: &Args, cfg: &sparkc_frontend::NeuronSparkConfig, session: &mut Session<GpuProgram>, json: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let ids = |b: usize, t: usize| bench_ids(cfg, b, t);
+    session.reset(1);
+    session.executor_mut().set_profiling(true);
+    session.step(BTreeMap::from([("input_ids".to_string(), ids(1, a.tokens))]))?;
+    println!("  prefill B=1 T={}:", a.tokens);
+    print_profile(&session.executor().profile()?, json, "prefill_profile");
+    session.step(BTreeMap::from([("input_ids".to_string(), ids(1, 1))]))?;
+    println!("  one-token step, node by node:");
+    print_profile(&session.executor().profile()?, json, "decode_step_profile");
+    session.executor_mut().set_profiling(false);
     Ok(())
 }
 
