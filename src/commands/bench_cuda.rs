@@ -110,8 +110,13 @@ fn bench_ids(cfg: &sparkc_frontend::NeuronSparkConfig, b: usize, t: usize) -> Te
     Tensor::i64(vec![b, t], (0..b * t).map(|i| (i * 7919 % cfg.vocab_size) as i64).collect())
 }
 
-/// Prefill of --tokens tokens at B=1 (median of --iters), and in bf16 a per-node profile of a
-/// prefill and of a one-token step.
+/// One session step on (b, t) bench ids.
+fn step_ids(session: &mut Session<GpuProgram>, cfg: &sparkc_frontend::NeuronSparkConfig, b: usize, t: usize) -> Result<()> {
+    session.step(BTreeMap::from([("input_ids".to_string(), bench_ids(cfg, b, t))]))?;
+    Ok(())
+}
+
+/// Prefill of --tokens tokens at B=1 (median of --iters).
 fn prefill_timings(
     a: &Args,
     cfg: &sparkc_frontend::NeuronSparkConfig,
@@ -120,15 +125,14 @@ fn prefill_timings(
     json: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<()> {
     let tag = precision_tag(precision);
-    let ids = |b: usize, t: usize| bench_ids(cfg, b, t);
     let t = a.tokens;
     session.reset(1);
-    session.step(BTreeMap::from([("input_ids".to_string(), ids(1, t))]))?;
+    step_ids(session, cfg, 1, t)?;
     let mut prefill = Vec::new();
     for _ in 0..a.iters {
         session.reset(1);
         let s = Instant::now();
-        session.step(BTreeMap::from([("input_ids".to_string(), ids(1, t))]))?;
+        step_ids(session, cfg, 1, t)?;
         prefill.push(s.elapsed().as_secs_f64() * 1e3);
     }
     prefill.sort_by(f64::total_cmp);
@@ -143,13 +147,12 @@ fn prefill_timings(
 /// Per-node profiles of a prefill and of a one-token step run node by node (the timed decode
 /// steps replay a CUDA graph). Run after the timings, which they would otherwise disturb.
 fn profiles(a: &Args, cfg: &sparkc_frontend::NeuronSparkConfig, session: &mut Session<GpuProgram>, json: &mut serde_json::Map<String, serde_json::Value>) -> Result<()> {
-    let ids = |b: usize, t: usize| bench_ids(cfg, b, t);
     session.reset(1);
     session.executor_mut().set_profiling(true);
-    session.step(BTreeMap::from([("input_ids".to_string(), ids(1, a.tokens))]))?;
+    step_ids(session, cfg, 1, a.tokens)?;
     println!("  prefill B=1 T={}:", a.tokens);
     print_profile(&session.executor().profile()?, json, "prefill_profile");
-    session.step(BTreeMap::from([("input_ids".to_string(), ids(1, 1))]))?;
+    step_ids(session, cfg, 1, 1)?;
     println!("  one-token step, node by node:");
     print_profile(&session.executor().profile()?, json, "decode_step_profile");
     session.executor_mut().set_profiling(false);
@@ -165,19 +168,18 @@ fn decode_timings(
     json: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<()> {
     let tag = precision_tag(precision);
-    let ids = |b: usize, t: usize| bench_ids(cfg, b, t);
     for b in [1usize, 8] {
         session.reset(b);
-        session.step(BTreeMap::from([("input_ids".to_string(), ids(b, 4))]))?;
+        step_ids(session, cfg, b, 4)?;
         // Two one-token steps first: the first runs op by op, the second is captured as a CUDA
         // graph; the timed steps replay it.
         for _ in 0..2 {
-            session.step(BTreeMap::from([("input_ids".to_string(), ids(b, 1))]))?;
+            step_ids(session, cfg, b, 1)?;
         }
         let steps = 32;
         let s = Instant::now();
         for _ in 0..steps {
-            session.step(BTreeMap::from([("input_ids".to_string(), ids(b, 1))]))?;
+            step_ids(session, cfg, b, 1)?;
         }
         let secs = s.elapsed().as_secs_f64();
         let tps = (b * steps) as f64 / secs;

@@ -126,7 +126,9 @@ pub(crate) fn plan(g: &Graph, order: &[NodeIndex], group_linears: bool, is_f32: 
 /// one shape (more outputs than a narrow linear has) and outputs stored alike, keyed by the
 /// member that runs first.
 fn linear_groups(g: &Graph, order: &[NodeIndex], is_f32: &dyn Fn(Value) -> bool) -> Vec<(NodeIndex, Fused)> {
-    let mut groups: HashMap<(Value, Vec<Option<u64>>, bool), Vec<NodeIndex>> = HashMap::new();
+    // Keyed by (input, weight shape, whether the output is f32).
+    type GroupKey = (Value, Vec<Option<u64>>, bool);
+    let mut groups: HashMap<GroupKey, Vec<NodeIndex>> = HashMap::new();
     for &n in order {
         if !matches!(g.node(n).op, Op::Linear { bias: false }) {
             continue;

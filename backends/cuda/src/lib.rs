@@ -11,7 +11,7 @@ macro_rules! drv {
 }
 
 pub mod bench;
-mod capture_pool;
+mod capture;
 pub mod codegen;
 pub mod device;
 mod fusion;

@@ -2,7 +2,7 @@
 //! the library), cuBLAS for the linear layers, device-resident parameters.
 
 use crate::codegen::{self, Elem};
-use crate::capture_pool::CapturePool;
+use crate::capture::{graph_node_kinds, CapturePool, GraphTables};
 use crate::device::Gpu;
 use crate::fusion::{self, Fused, FusionPlan};
 use crate::scan_codegen::{self, ScanIo, TilePlan};
@@ -592,7 +592,7 @@ impl GpuProgram {
     }
 
     /// `n` uninitialised elements for a value of a run: from the capture pool while a step is
-    /// being captured (see [`crate::capture_pool`]), from the stream's pool otherwise.
+    /// being captured (see [`crate::capture`]), from the stream's pool otherwise.
     ///
     /// # Safety
     /// The caller writes the elements before reading them.
@@ -1004,11 +1004,10 @@ impl GpuProgram {
 
     fn alloc(&self, n: usize) -> Result<CudaSlice<f32>, CudaError> {
         // SAFETY: zeroed (on the run's stream, so also in a captured step) before any read.
-        let z = unsafe { self.raw_alloc::<f32>(n) }?;
-        self.fill_zero(DevTensor::F32 { shape: vec![], data: z }).map(|t| match t {
-            DevTensor::F32 { data, .. } => data,
-            _ => unreachable!("f32 in, f32 out"),
-        })
+        let mut t = DevTensor::F32 { shape: vec![], data: unsafe { self.raw_alloc::<f32>(n) }? };
+        self.zero(&mut t)?;
+        let DevTensor::F32 { data, .. } = t else { unreachable!("made f32 above") };
+        Ok(data)
     }
 
     /// Zero a buffer on the run's stream. While a step is being captured this is a kernel: a
@@ -1030,11 +1029,6 @@ impl GpuProgram {
         // SAFETY: ptr addresses `bytes` bytes: `words` 4-byte words and a 2-byte tail if set.
         unsafe { drv!(b.launch(grid(words as usize + 1))) };
         Ok(())
-    }
-
-    fn fill_zero(&self, mut t: DevTensor) -> Result<DevTensor, CudaError> {
-        self.zero(&mut t)?;
-        Ok(t)
     }
 
     /// Write a batched GEMM's pointer table (at most 12 entries) with a kernel, in stream order.
@@ -1724,33 +1718,6 @@ fn copy_device(st: &Arc<cudarc::driver::CudaStream>, t: &DevTensor, dst: u64) ->
     Ok(())
 }
 
-/// How many nodes of each kind a CUDA graph has.
-fn graph_node_kinds(graph: cudarc::driver::sys::CUgraph) -> Result<BTreeMap<&'static str, usize>, CudaError> {
-    use cudarc::driver::sys::{self, CUgraphNodeType as T};
-    let mut count = 0usize;
-    // SAFETY: a null node array asks only for the count; then the array holds `count` nodes.
-    unsafe { drv!(sys::cuGraphGetNodes(graph, std::ptr::null_mut(), &mut count).result()) };
-    let mut nodes = vec![std::ptr::null_mut(); count];
-    unsafe { drv!(sys::cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut count).result()) };
-    let mut kinds = BTreeMap::new();
-    for node in nodes.into_iter().take(count) {
-        let mut t = T::CU_GRAPH_NODE_TYPE_EMPTY;
-        // SAFETY: node belongs to graph.
-        unsafe { drv!(sys::cuGraphNodeGetType(node, &mut t).result()) };
-        let kind = match t {
-            T::CU_GRAPH_NODE_TYPE_KERNEL => "kernel",
-            T::CU_GRAPH_NODE_TYPE_MEMCPY => "memcpy",
-            T::CU_GRAPH_NODE_TYPE_MEMSET => "memset",
-            T::CU_GRAPH_NODE_TYPE_MEM_ALLOC => "memalloc",
-            T::CU_GRAPH_NODE_TYPE_MEM_FREE => "memfree",
-            T::CU_GRAPH_NODE_TYPE_EMPTY => "empty",
-            _ => "other",
-        };
-        *kinds.entry(kind).or_insert(0) += 1;
-    }
-    Ok(kinds)
-}
-
 /// Scan final-state results that can be written over the carried state they start from: the
 /// state input is read only by that scan, and the result only by the state output of the
 /// same name.
@@ -1769,38 +1736,4 @@ fn carried_in_place(g: &Graph) -> HashMap<Value, String> {
         }
     }
     out
-}
-
-/// Device memory of a captured step's constant pointer tables: allocated and written
-/// synchronously while capturing (so the graph holds no node for them), freed with the graph.
-#[derive(Default)]
-struct GraphTables(Vec<cudarc::driver::sys::CUdeviceptr>);
-
-impl GraphTables {
-    /// A device copy of `table`; its address.
-    fn add(&mut self, table: &[u64]) -> Result<u64, CudaError> {
-        use cudarc::driver::sys;
-        let bytes = std::mem::size_of_val(table);
-        let mut ptr: sys::CUdeviceptr = 0;
-        // SAFETY: ptr receives an allocation of `bytes`, then `table` is copied into it; plain
-        // (not stream-ordered) calls, allowed in a relaxed capture and not captured.
-        unsafe {
-            drv!(sys::cuMemAlloc_v2(&mut ptr, bytes.max(8)).result());
-            self.0.push(ptr);
-            drv!(sys::cuMemcpyHtoD_v2(ptr, table.as_ptr() as *const _, bytes).result());
-        }
-        Ok(ptr)
-    }
-}
-
-impl Drop for GraphTables {
-    fn drop(&mut self) {
-        for &p in &self.0 {
-            // SAFETY: allocated by `add`; the graph reading it is destroyed first (field order
-            // of `Captured`) or was never made.
-            unsafe {
-                let _ = cudarc::driver::sys::cuMemFree_v2(p);
-            }
-        }
-    }
 }

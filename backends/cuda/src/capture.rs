@@ -1,4 +1,6 @@
-//! Device memory for a step being captured into a CUDA graph. A stream-ordered allocation made
+//! What a step captured into a CUDA graph allocates and keeps, and what the graph holds.
+//!
+//! Device memory for a step being captured. A stream-ordered allocation made
 //! while capturing becomes a graph node, and so does its free: at decode that was two memory
 //! nodes per kernel, and every node costs the replay about a microsecond. Allocations from a
 //! pool of the program's own, on a stream that is not being captured, become no node at all.
@@ -11,6 +13,7 @@ use crate::device::Gpu;
 use crate::CudaError;
 use cudarc::driver::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub(crate) struct CapturePool {
@@ -71,4 +74,64 @@ impl Drop for CapturePool {
             sys::cuMemPoolDestroy(self.pool);
         }
     }
+}
+
+/// Device memory of a captured step's constant pointer tables: allocated and written
+/// synchronously while capturing (so the graph holds no node for them), freed with the graph.
+#[derive(Default)]
+pub(crate) struct GraphTables(Vec<sys::CUdeviceptr>);
+
+impl GraphTables {
+    /// A device copy of `table`; its address.
+    pub(crate) fn add(&mut self, table: &[u64]) -> Result<u64, CudaError> {
+        let bytes = std::mem::size_of_val(table);
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: ptr receives an allocation of `bytes`, then `table` is copied into it; plain
+        // (not stream-ordered) calls, allowed in a relaxed capture and not captured.
+        unsafe {
+            drv!(sys::cuMemAlloc_v2(&mut ptr, bytes.max(8)).result());
+            self.0.push(ptr);
+            drv!(sys::cuMemcpyHtoD_v2(ptr, table.as_ptr() as *const _, bytes).result());
+        }
+        Ok(ptr)
+    }
+}
+
+impl Drop for GraphTables {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            // SAFETY: allocated by `add`; the graph reading it is destroyed first (field order
+            // of `Captured`) or was never made.
+            unsafe {
+                let _ = sys::cuMemFree_v2(p);
+            }
+        }
+    }
+}
+
+/// How many nodes of each kind a CUDA graph has.
+pub(crate) fn graph_node_kinds(graph: sys::CUgraph) -> Result<BTreeMap<&'static str, usize>, CudaError> {
+    use sys::CUgraphNodeType as T;
+    let mut count = 0usize;
+    // SAFETY: a null node array asks only for the count; then the array holds `count` nodes.
+    unsafe { drv!(sys::cuGraphGetNodes(graph, std::ptr::null_mut(), &mut count).result()) };
+    let mut nodes = vec![std::ptr::null_mut(); count];
+    unsafe { drv!(sys::cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut count).result()) };
+    let mut kinds = BTreeMap::new();
+    for node in nodes.into_iter().take(count) {
+        let mut t = T::CU_GRAPH_NODE_TYPE_EMPTY;
+        // SAFETY: node belongs to graph.
+        unsafe { drv!(sys::cuGraphNodeGetType(node, &mut t).result()) };
+        let kind = match t {
+            T::CU_GRAPH_NODE_TYPE_KERNEL => "kernel",
+            T::CU_GRAPH_NODE_TYPE_MEMCPY => "memcpy",
+            T::CU_GRAPH_NODE_TYPE_MEMSET => "memset",
+            T::CU_GRAPH_NODE_TYPE_MEM_ALLOC => "memalloc",
+            T::CU_GRAPH_NODE_TYPE_MEM_FREE => "memfree",
+            T::CU_GRAPH_NODE_TYPE_EMPTY => "empty",
+            _ => "other",
+        };
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    Ok(kinds)
 }
