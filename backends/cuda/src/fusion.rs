@@ -1,6 +1,7 @@
 //! Lowering-time fusion: chains of small row ops that an inference step runs once per
-//! sub-layer become one kernel each. At decode (one token, 16 frames) every kernel of such a
-//! chain moves a few kilobytes, so the step's time is their count, not their bytes.
+//! sub-layer become one kernel each, and linear layers that share their input become one
+//! batched GEMM. At decode (one token, 16 frames) every kernel of such a chain moves a few
+//! kilobytes, so the step's time is their count, not their bytes.
 //!
 //! A chain fuses only where its intermediate values have no other reader, so a training graph
 //! (whose backward reads the PonderNet weights) keeps its separate nodes there.
@@ -9,13 +10,13 @@ use petgraph::visit::EdgeRef;
 use sparkc_ir::{BinOp, Expr, Graph, NodeIndex, Op, Value};
 use std::collections::{HashMap, HashSet};
 
-/// One fused chain, run at its last node (the anchor).
 /// The most linear layers one batched GEMM runs.
 pub(crate) const MAX_GROUP: usize = 4;
 
-/// The most frames the fused PonderNet kernel takes (`PONDER_FRAMES` in the library).
+/// The most frames the fused PonderNet kernel takes (`PONDER_FRAMES` in the kernel prelude).
 const PONDER_FRAMES: u64 = 32;
 
+/// One fused chain, run at its anchor: the chain's last node, or a linear group's first.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Fused {
     /// [map →] halt linear → ponder_weights → frame_weighted_sum: y = Σ_k λ̂_k F_k, with the
@@ -61,7 +62,8 @@ impl Fused {
 #[derive(Default, Debug)]
 pub(crate) struct FusionPlan {
     pub anchors: HashMap<NodeIndex, Fused>,
-    /// Nodes that run inside an anchor's kernel and produce nothing themselves.
+    /// Nodes whose work an anchor's kernel does: they run nothing themselves, and a linear
+    /// group's members get their results from the anchor.
     pub absorbed: HashSet<NodeIndex>,
 }
 
@@ -79,8 +81,9 @@ impl FusionPlan {
     }
 }
 
-/// Find the fusable chains of `g`. `is_f32` says which values are stored as f32: the fused
-/// kernels read f32 (the frames and the residual stream are) and the residual update writes it.
+/// Find the fusable chains of `g`. `is_f32` says which values are stored as f32: the residual
+/// kernel reads and writes f32 (as the residual stream is), and a linear group's outputs are
+/// stored alike.
 /// `order` is the execution order; with `group_linears`, linear layers that share their input
 /// and weight shape are batched (inference in bf16, where every weight has a bf16 copy).
 pub(crate) fn plan(g: &Graph, order: &[NodeIndex], group_linears: bool, is_f32: impl Fn(Value) -> bool) -> FusionPlan {

@@ -28,8 +28,8 @@ extern "C" __global__ void sp_mean_frames(float* out, const float* x, long long 
     }
 }
 
-/* A batched GEMM's pointer table (up to 12 entries), written in stream order: inside a captured
-   step it is rewritten by the graph itself on every replay. */
+/* A batched GEMM's pointer table (up to 12 entries), written in stream order for a run that is
+   not captured (a captured step's tables are written once, when it is captured). */
 extern "C" __global__ void sp_pointer_table(unsigned long long* t, int n, unsigned long long p0, unsigned long long p1, unsigned long long p2, unsigned long long p3,
     unsigned long long p4, unsigned long long p5, unsigned long long p6, unsigned long long p7, unsigned long long p8, unsigned long long p9, unsigned long long p10, unsigned long long p11) {
     const unsigned long long p[12] = {p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11};
