@@ -38,3 +38,9 @@ pub fn bytes(n: u64) -> String {
         format!("{n} B")
     }
 }
+
+/// The middle value (the upper one of an even count). `xs` must not be empty.
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}

@@ -382,6 +382,11 @@ fn plif_neuron(out: &mut Vec<ParamSpec>, prefix: &str, width: usize, v0: f64, co
 }
 
 /// Every parameter of the model, in a stable order: the 7 globals, then the 30 keys of each layer.
+/// The keys of the neuron optimizer group (lr × 10; see [`ParamSpec::neuron_group`]).
+pub fn neuron_group_keys(cfg: &NeuronSparkConfig) -> Vec<String> {
+    param_specs(cfg).into_iter().filter(|s| s.neuron_group).map(|s| s.key).collect()
+}
+
 pub fn param_specs(cfg: &NeuronSparkConfig) -> Vec<ParamSpec> {
     use Component as C;
     let (v, d, dn, dff, l) = (cfg.vocab_size, cfg.d, cfg.dn(), cfg.d_ff, cfg.num_layers);

@@ -164,6 +164,11 @@ impl Graph {
         ins.into_iter().map(|(_, v)| v).collect()
     }
 
+    /// The nodes that read value `v`, once per operand slot that reads it.
+    pub fn readers_of(&self, v: Value) -> Vec<NodeIndex> {
+        self.g.edges_directed(v.node, Direction::Outgoing).filter(|e| e.weight().src == v.port).map(|e| e.target()).collect()
+    }
+
     /// Graph inputs (node, name, type), in creation order.
     pub fn inputs(&self) -> Vec<(NodeIndex, &str, &ValueType)> {
         self.g

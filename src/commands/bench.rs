@@ -2,7 +2,7 @@
 //! model's own GEMM shapes. A table on stdout, JSON with --json.
 
 use crate::model_source::load_config;
-use crate::report::si;
+use crate::report::{median, si};
 use anyhow::{bail, Result};
 use sparkc_backend_cpu::kernels::dense;
 use sparkc_backend_cpu::{CpuProgram, Profile};
@@ -38,11 +38,6 @@ pub struct Args {
     /// What `--backend cuda` measures: any of scans, inference (prefill and decode in f32 and bf16), decode (bf16 only), training.
     #[arg(long, value_delimiter = ',', default_value = "scans,inference,training")]
     pub parts: Vec<String>,
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 pub fn run(a: Args) -> Result<()> {

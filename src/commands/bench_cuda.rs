@@ -3,6 +3,7 @@
 
 use super::bench::Args;
 use crate::model_source::load_config;
+use crate::report::median;
 use anyhow::Result;
 use anyhow::Context;
 use sparkc_backend_cuda::bench::{time_scan, ScanCase};
@@ -135,8 +136,7 @@ fn prefill_timings(
         step_ids(session, cfg, 1, t)?;
         prefill.push(s.elapsed().as_secs_f64() * 1e3);
     }
-    prefill.sort_by(f64::total_cmp);
-    let prefill_ms = prefill[prefill.len() / 2];
+    let prefill_ms = median(prefill);
     println!("\nmodel {} (D {}, layers {}, K {}), {tag} GEMMs, end to end including host transfers", a.config, cfg.d, cfg.num_layers, cfg.k);
     println!("  prefill B=1 T={t}: {prefill_ms:.1} ms");
     json.insert(format!("prefill_ms_{tag}"), prefill_ms.into());
@@ -227,7 +227,7 @@ fn training_step(a: &Args, cfg: &sparkc_frontend::NeuronSparkConfig, params: &BT
     let tcfg = TrainConfig { batch_size: b, seq_len: t, steps: 1_000, optimizer: OptimizerKind::Adamw, weight_decay: 0.1, checkpoint_every: 0, eval_every: 0, ..Default::default() };
     let text = sparkc_frontend::corpus::synthetic(0, (b * (t + 1) * 8).max(100_000));
     let data = PackedData::new(text.bytes().map(u32::from).collect(), t, 0.0).map_err(anyhow::Error::msg)?;
-    let neuron: Vec<String> = sparkc_frontend::params::param_specs(cfg).into_iter().filter(|s| s.neuron_group).map(|s| s.key).collect();
+    let neuron = sparkc_frontend::params::neuron_group_keys(cfg);
     let hook = super::train::compensation_hook(cfg, 100.0);
     let dir = std::env::temp_dir().join(format!("sparkc-bench-train-{}", std::process::id()));
     let exec: Box<dyn sparkc_runtime::Executor> = Box::new(prog);
@@ -249,8 +249,7 @@ fn training_step(a: &Args, cfg: &sparkc_frontend::NeuronSparkConfig, params: &BT
         }
         times.push(s.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    let secs = times[times.len() / 2];
+    let secs = median(times);
     let peak = pool.peak_memory()? as f64 / 1e9;
     // One more step with every node timed: where the step's device time goes.
     if let Some(dev) = trainer.device() {

@@ -4,12 +4,13 @@
 
 use crate::model_source::{load_config, load_weights};
 use crate::plot::{line_chart, Series};
+use crate::report::median;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::style::RGBColor;
 use sparkc_frontend::corpus::{self, ShardDtype};
 use sparkc_frontend::neuronspark::{build_graph, compensate_gradients, compensated_keys, GraphOptions};
-use sparkc_frontend::params::param_specs;
+use sparkc_frontend::params::neuron_group_keys;
 use sparkc_frontend::tokenizer;
 use sparkc_runtime::train::checkpoint;
 use sparkc_runtime::train::data::PackedData;
@@ -297,7 +298,7 @@ pub fn run(a: Args) -> Result<()> {
     let graph = build_graph(&cfg, &GraphOptions { with_loss: true, ponder_weight: tcfg.ponder_weight, debug_outputs: false })?;
     let graph = crate::backend::prepare_training(&a.backend, graph, "total_loss")?;
     let program = crate::backend::executor(&a.backend, &a.precision, &graph)?;
-    let neuron: Vec<String> = param_specs(&cfg).into_iter().filter(|s| s.neuron_group).map(|s| s.key).collect();
+    let neuron = neuron_group_keys(&cfg);
     let hook = tcfg.compensate.then(|| compensation_hook(&cfg, tcfg.c_max));
     std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
     let ckpt_dir = a.out.join("checkpoints");
@@ -375,11 +376,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     // The typical step: the median after the first (which compiles on a GPU), without
     // evaluation and checkpoints.
-    let steady = {
-        let mut later: Vec<f64> = step_secs.iter().skip(1).copied().collect();
-        later.sort_by(f64::total_cmp);
-        later.get(later.len() / 2).copied()
-    };
+    let steady = (step_secs.len() > 1).then(|| median(step_secs[1..].to_vec()));
     let step_tokens = (tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len) as f64;
     let summary = serde_json::json!({
         "steps": trainer.state.step, "steps_this_run": done, "seconds": secs,

@@ -6,7 +6,6 @@
 //! A chain fuses only where its intermediate values have no other reader, so a training graph
 //! (whose backward reads the PonderNet weights) keeps its separate nodes there.
 
-use petgraph::visit::EdgeRef;
 use sparkc_ir::{BinOp, Expr, Graph, NodeIndex, Op, Value};
 use std::collections::{HashMap, HashSet};
 
@@ -90,14 +89,12 @@ pub(crate) fn plan(g: &Graph, order: &[NodeIndex], group_linears: bool, is_f32: 
     let outputs: HashSet<Value> = g.outputs.iter().map(|(_, v)| *v).collect();
     // The one reader of v (and v is not a graph output), if it has exactly one.
     let sole_reader = |v: Value| -> Option<NodeIndex> {
-        if outputs.contains(&v) {
-            return None;
+        match g.readers_of(v)[..] {
+            [r] if !outputs.contains(&v) => Some(r),
+            _ => None,
         }
-        let mut readers = g.g.edges_directed(v.node, petgraph::Direction::Outgoing).filter(|e| e.weight().src == v.port);
-        let first = readers.next()?;
-        readers.next().is_none().then(|| first.target())
     };
-    let unread = |v: Value| !outputs.contains(&v) && g.g.edges_directed(v.node, petgraph::Direction::Outgoing).all(|e| e.weight().src != v.port);
+    let unread = |v: Value| !outputs.contains(&v) && g.readers_of(v).is_empty();
     let mut plan = FusionPlan::default();
     for n in g.g.node_indices() {
         let fused = match &g.node(n).op {
@@ -194,7 +191,7 @@ fn ponder_chain(
     }
     let mut absorbed = vec![halt, weights.node];
     // The map that makes the frames runs inside the kernel when only this chain reads them.
-    let readers: Vec<NodeIndex> = g.g.edges_directed(frames.node, petgraph::Direction::Outgoing).filter(|e| e.weight().src == frames.port).map(|e| e.target()).collect();
+    let readers = g.readers_of(frames);
     let frame_shape = &g.value_type(frames).shape;
     let (expr, operands) = match &g.node(frames.node).op {
         Op::Map { expr }
@@ -235,6 +232,7 @@ fn residual_chain(g: &Graph, add: NodeIndex, sole_reader: &dyn Fn(Value) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+    use petgraph::visit::EdgeRef;
     use sparkc_frontend::neuronspark::{build_graph, GraphOptions};
 
     fn count(plan: &FusionPlan, pick: fn(&Fused) -> bool) -> usize {

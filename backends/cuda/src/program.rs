@@ -1722,7 +1722,6 @@ fn copy_device(st: &Arc<cudarc::driver::CudaStream>, t: &DevTensor, dst: u64) ->
 /// state input is read only by that scan, and the result only by the state output of the
 /// same name.
 fn carried_in_place(g: &Graph) -> HashMap<Value, String> {
-    let readers = |v: Value| g.g.edges_directed(v.node, petgraph::Direction::Outgoing).filter(move |e| e.weight().src == v.port).count();
     let mut out = HashMap::new();
     for (name, v) in &g.outputs {
         let Op::Scan { neuron, emit, .. } = &g.node(v.node).op else { continue };
@@ -1731,7 +1730,7 @@ fn carried_in_place(g: &Graph) -> HashMap<Value, String> {
         let init = g.operands(v.node)[m.inputs.len() + m.params.len() + i];
         let is_this_input = matches!(&g.node(init.node).op, Op::Input { name: n } if n == name);
         let named_once = g.outputs.iter().filter(|(_, w)| w == v).count() == 1;
-        if is_this_input && readers(init) == 1 && readers(*v) == 0 && named_once {
+        if is_this_input && g.readers_of(init).len() == 1 && g.readers_of(*v).is_empty() && named_once {
             out.insert(*v, name.clone());
         }
     }

@@ -244,7 +244,7 @@ fn first_training_steps_match_the_cpu() {
         eval_every: 0,
         ..Default::default()
     };
-    let neuron: Vec<String> = sparkc_frontend::params::param_specs(&cfg).into_iter().filter(|s| s.neuron_group).map(|s| s.key).collect();
+    let neuron = sparkc_frontend::params::neuron_group_keys(&cfg);
     let root = std::env::temp_dir().join(format!("sparkc-gpu-train-{}", std::process::id()));
     let trainer = |exec: Box<dyn sparkc_runtime::Executor>, dir: &str| {
         let data = PackedData::new(tokens.clone(), 16, 0.05).unwrap();
