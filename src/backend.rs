@@ -27,12 +27,16 @@ pub fn prepare_generation(backend: &str, graph: Graph) -> Result<Graph> {
 /// The training graph a backend runs: [`prepare`], differentiated for `loss`; on CUDA with
 /// per-layer activation recompute (only each layer's input stays alive through the forward;
 /// the layer is run again just before its backward), as the original checkpoints its layers.
-pub fn prepare_training(backend: &str, graph: Graph, loss: &str) -> Result<Graph> {
+/// The last `kept_layers` layers are not recomputed: their activations stay alive instead,
+/// which saves their second forward where memory allows.
+pub fn prepare_training(backend: &str, graph: Graph, loss: &str, kept_layers: usize) -> Result<Graph> {
     let train = sparkc_passes::autodiff::differentiate(&prepare(backend, graph)?, loss, &[])?;
     if backend != "cuda" {
         return Ok(train);
     }
-    let (recomputed, _report) = sparkc_passes::recompute::recompute_layers(&train)?;
+    let layers = train.g.node_weights().filter_map(|n| sparkc_passes::recompute::layer_of(&n.name)).max().map_or(0, |l| l + 1);
+    let first_kept = layers.saturating_sub(kept_layers);
+    let (recomputed, _report) = sparkc_passes::recompute::recompute_layers_where(&train, &|l| l < first_kept)?;
     Ok(recomputed)
 }
 

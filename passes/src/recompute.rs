@@ -91,6 +91,13 @@ fn value_name(g: &Graph, v: Value) -> String {
 /// checkpoints for its adjoint). Graph outputs keep reading the originals. Running the pass on
 /// its own result changes nothing.
 pub fn recompute_layers(train: &Graph) -> Result<(Graph, RecomputeReport), IrError> {
+    recompute_layers_where(train, &|_| true)
+}
+
+/// [`recompute_layers`] for the layers `recompute` picks: the other layers' values are read
+/// directly and stay live from the forward to the backward, trading memory for their forward
+/// work.
+pub fn recompute_layers_where(train: &Graph, recompute: &dyn Fn(usize) -> bool) -> Result<(Graph, RecomputeReport), IrError> {
     let forward = forward_nodes(train);
     let layer = |n: NodeIndex| layer_of(&train.node(n).name);
     let outputs: HashSet<Value> = train.outputs.iter().map(|(_, v)| *v).collect();
@@ -107,7 +114,7 @@ pub fn recompute_layers(train: &Graph) -> Result<(Graph, RecomputeReport), IrErr
     let keep = |v: Value| {
         !forward.contains(&v.node)
             || matches!(train.node(v.node).op, Op::Param { .. } | Op::Input { .. } | Op::ZerosLike)
-            || layer(v.node).is_none()
+            || layer(v.node).is_none_or(|l| !recompute(l))
             || outputs.contains(&v)
             || boundary.contains(&v)
     };

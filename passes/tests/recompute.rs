@@ -16,7 +16,7 @@ use sparkc_ir::rng::Rng;
 use sparkc_ir::types::DimBindings;
 use sparkc_ir::{parse_expr, Graph, NodeIndex, Op, Tensor, ValueType};
 use sparkc_passes::autodiff::{differentiate, GRAD_PREFIX};
-use sparkc_passes::recompute::{layer_of, peak_live_bytes, recompute_layers, RECOMPUTE_SUFFIX};
+use sparkc_passes::recompute::{layer_of, peak_live_bytes, recompute_layers, recompute_layers_where, RECOMPUTE_SUFFIX};
 use sparkc_passes::scan_fusion::fuse_scans;
 use std::collections::{BTreeMap, HashMap};
 
@@ -194,6 +194,28 @@ fn recompute_lowers_peak_live_bytes_of_a_deep_long_sequence_model() {
     let unscheduled = peak_live_bytes(&early, &d).unwrap();
     eprintln!("the same graph in topo_order: {unscheduled} ({:.1} MiB)", mib(unscheduled));
     assert!(unscheduled > recomputed);
+}
+
+/// Layers left out of recompute keep their activations: no copies there, the same results,
+/// and a peak between full recompute and none.
+#[test]
+fn layers_left_out_of_recompute_trade_memory_for_work() {
+    let cfg = NeuronSparkConfig { num_layers: 4, ..NeuronSparkConfig::tiny() };
+    let train = training_graph(&cfg);
+    let (all, _) = recompute_layers(&train).unwrap();
+    let (part, rep) = recompute_layers_where(&train, &|l| l < 2).unwrap();
+    assert_eq!(rep.copied.keys().copied().collect::<Vec<_>>(), [0, 1], "{rep}");
+    assert!(rep.live.iter().any(|v| layer_of(v) == Some(3)), "{rep}");
+    let d = dims(2, 256);
+    let (plain, full, half) = (peak_live_bytes(&train, &d).unwrap(), peak_live_bytes(&all, &d).unwrap(), peak_live_bytes(&part, &d).unwrap());
+    eprintln!("peak live bytes: none {plain}, half {half}, all {full}");
+    assert!(full < half && half < plain, "{full} < {half} < {plain}");
+    let params = init_params(&cfg, 3);
+    let inputs = random_inputs(&train, 2, 5, 9, cfg.vocab_size as u64);
+    let (want, got) = (run(&train, &inputs, &params), run(&part, &inputs, &params));
+    for (name, w) in &want {
+        assert!(bits_equal(w, &got[name]), "`{name}` differs with layers 2 and 3 kept");
+    }
 }
 
 #[test]

@@ -38,6 +38,10 @@ pub struct Args {
     /// What `--backend cuda` measures: any of scans, inference (prefill and decode in f32 and bf16), decode (bf16 only), training.
     #[arg(long, value_delimiter = ',', default_value = "scans,inference,training")]
     pub parts: Vec<String>,
+    /// CUDA training: layers (the last ones) whose activations stay alive instead of being
+    /// recomputed before their backward.
+    #[arg(long, default_value_t = 0)]
+    pub kept_layers: usize,
 }
 
 pub fn run(a: Args) -> Result<()> {

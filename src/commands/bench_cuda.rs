@@ -220,7 +220,7 @@ fn training_step(a: &Args, cfg: &sparkc_frontend::NeuronSparkConfig, params: &BT
     use sparkc_runtime::train::{data::PackedData, optim::OptimizerKind, TrainConfig, Trainer};
     let (b, t) = (2usize, a.tokens);
     let built = build_graph(cfg, &GraphOptions { with_loss: true, ..Default::default() })?;
-    let graph = crate::backend::prepare_training("cuda", built, "total_loss")?;
+    let graph = crate::backend::prepare_training("cuda", built, "total_loss", a.kept_layers)?;
     let prog = GpuProgram::compile_with(Gpu::new(0)?, &graph, Precision::Bf16)?;
     // The device's pool, seen through a second handle (the program moves into the trainer).
     let pool = Gpu::new(0)?;
@@ -232,7 +232,7 @@ fn training_step(a: &Args, cfg: &sparkc_frontend::NeuronSparkConfig, params: &BT
     let dir = std::env::temp_dir().join(format!("sparkc-bench-train-{}", std::process::id()));
     let exec: Box<dyn sparkc_runtime::Executor> = Box::new(prog);
     let mut trainer = Trainer::new(exec, params.clone(), &neuron, data, tcfg, cfg.to_json(), Some(hook), &dir)?;
-    println!("\ntraining step (AdamW on the device, bf16 GEMMs, fused scans, layer recompute), B={b} T={t}");
+    println!("\ntraining step (AdamW on the device, bf16 GEMMs, fused scans, layer recompute but for the last {}), B={b} T={t}", a.kept_layers);
     // The first step compiles nothing more but allocates the optimizer state.
     if let Err(e) = trainer.step() {
         println!("  does not run yet: {e}");

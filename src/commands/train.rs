@@ -74,6 +74,10 @@ pub struct Args {
     pub weight_decay: Option<f64>,
     #[arg(long)]
     pub ponder_weight: Option<f64>,
+    /// CUDA: layers (the last ones) whose activations stay alive through the forward instead
+    /// of being recomputed before their backward: faster, at the cost of memory.
+    #[arg(long, default_value_t = 0)]
+    pub kept_layers: usize,
     /// Turn the natural-gradient compensation off.
     #[arg(long)]
     pub no_compensate: bool,
@@ -296,7 +300,7 @@ pub fn run(a: Args) -> Result<()> {
     let params = load_weights(&cfg, file.weights.as_deref(), init_seed)?;
 
     let graph = build_graph(&cfg, &GraphOptions { with_loss: true, ponder_weight: tcfg.ponder_weight, debug_outputs: false })?;
-    let graph = crate::backend::prepare_training(&a.backend, graph, "total_loss")?;
+    let graph = crate::backend::prepare_training(&a.backend, graph, "total_loss", a.kept_layers)?;
     let program = crate::backend::executor(&a.backend, &a.precision, &graph)?;
     let neuron = neuron_group_keys(&cfg);
     let hook = tcfg.compensate.then(|| compensation_hook(&cfg, tcfg.c_max));

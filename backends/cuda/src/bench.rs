@@ -110,9 +110,12 @@ pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming
     } else {
         src.push_str(&scan_codegen::scan_forward_simple("bench_fwd", model, emit, false, io, case.simple_unroll.unwrap_or_else(|| scan_codegen::scan_unroll(model))));
     }
-    let bwd_tile = scan_codegen::adjoint_tile_bytes(model, emit, &io.inputs, &io.outputs, gpu.max_smem).filter(|_| case.simple_unroll.is_none() && c % scan_codegen::TILE_THREADS == 0);
+    // The block width the training program picks for these columns.
+    let channels = if scan_codegen::prefer_narrow(b * c, gpu.sms) { scan_codegen::NARROW_CHANNELS } else { scan_codegen::TILE_THREADS };
+    let wide = scan_codegen::adjoint_tile_plan(model, emit, &io.inputs, &io.outputs, c, scan_codegen::TILE_THREADS, gpu.max_smem);
+    let bwd_tile = wide.and(scan_codegen::adjoint_tile_plan(model, emit, &io.inputs, &io.outputs, c, channels, gpu.max_smem)).filter(|_| case.simple_unroll.is_none());
     let bwd_src = match bwd_tile {
-        Some(_) => scan_codegen::scan_adjoint_tiled("bench_bwd", model, emit, false, &io.inputs, &io.outputs, &io.inputs),
+        Some(plan) => scan_codegen::scan_adjoint_tiled("bench_bwd", model, emit, false, &io.inputs, &io.outputs, &io.inputs, plan),
         None => scan_codegen::scan_adjoint_chunked("bench_bwd", model, emit, false, &io.inputs, &io.outputs, &io.inputs),
     };
     src.push_str(&bwd_src.map_err(CudaError::Unsupported)?);
@@ -122,8 +125,8 @@ pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming
     if tiled {
         drv!(fwd.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, plan.smem_bytes as i32));
     }
-    if let Some(bytes) = bwd_tile {
-        drv!(bwd.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32));
+    if let Some(plan) = bwd_tile {
+        drv!(bwd.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, plan.smem_bytes as i32));
     }
     let n = b * s * c;
     let nck = scan_codegen::checkpoints(s);
@@ -148,7 +151,7 @@ pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming
         LaunchConfig { grid_dim: ((b * c).div_ceil(128) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
     };
     let bwd_cfg = match bwd_tile {
-        Some(bytes) => LaunchConfig { grid_dim: ((b * c / scan_codegen::TILE_THREADS) as u32, 1, 1), block_dim: (scan_codegen::TILE_BLOCK as u32, 1, 1), shared_mem_bytes: bytes as u32 },
+        Some(plan) => LaunchConfig { grid_dim: ((b * c / plan.channels) as u32, 1, 1), block_dim: (plan.block_threads() as u32, 1, 1), shared_mem_bytes: plan.smem_bytes as u32 },
         None => LaunchConfig { grid_dim: ((b * c).div_ceil(128) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
     };
     // The forward once with checkpoints, so that the reverse scan reads real ones; timed

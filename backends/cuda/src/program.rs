@@ -154,9 +154,9 @@ pub struct GpuProgram {
     tape_of: HashMap<NodeIndex, NodeIndex>,
     /// Forward scans that keep checkpoints for a reverse scan.
     taped: HashSet<NodeIndex>,
-    /// Forward scans run by the tiled kernel, with its plan.
+    /// Scans (forward and reverse) run by the tiled kernel, with its plan.
     tiled: HashMap<NodeIndex, TilePlan>,
-    /// Forward scans that also have a 64-channel-block kernel, for batches too small to give
+    /// Tiled scans that also have a 64-channel-block kernel, for batches too small to give
     /// every SM a 128-channel block.
     narrow: HashMap<NodeIndex, (TilePlan, String)>,
     /// Forward scans run by the tiled kernel that also have a one-thread-per-column kernel,
@@ -327,11 +327,14 @@ impl GpuProgram {
                     let in_grads: Vec<Elem> = (0..ni).map(|i| elem(Value { node: n, port: i as u32 })).collect();
                     let c = operands[0].node;
                     let c = graph.value_type(Value { node: c, port: operands[0].port }).shape.resolve(&graph.dims).dims().last().and_then(|d| d.as_const()).unwrap_or(0) as usize;
-                    let tile_bytes = scan_codegen::adjoint_tile_bytes(model, emit, &inputs, &out_grads, gpu.max_smem).filter(|_| c.is_multiple_of(scan_codegen::TILE_THREADS));
-                    let k = match tile_bytes {
-                        Some(bytes) => {
-                            tiled.insert(n, TilePlan { steps: 16, stages: 3, smem_bytes: bytes, channels: scan_codegen::TILE_THREADS });
-                            scan_codegen::scan_adjoint_tiled(PLACEHOLDER, model, emit, token, &inputs, &out_grads, &in_grads)
+                    let k = match scan_codegen::adjoint_tile_plan(model, emit, &inputs, &out_grads, c, scan_codegen::TILE_THREADS, gpu.max_smem) {
+                        Some(plan) => {
+                            tiled.insert(n, plan);
+                            if let Some(p) = scan_codegen::adjoint_tile_plan(model, emit, &inputs, &out_grads, c, scan_codegen::NARROW_CHANNELS, gpu.max_smem) {
+                                let k = scan_codegen::scan_adjoint_tiled(PLACEHOLDER, model, emit, token, &inputs, &out_grads, &in_grads, p).map_err(CudaError::Unsupported)?;
+                                narrow.insert(n, (p, add_kernel("scan_adjoint", k)));
+                            }
+                            scan_codegen::scan_adjoint_tiled(PLACEHOLDER, model, emit, token, &inputs, &out_grads, &in_grads, plan)
                         }
                         None => scan_codegen::scan_adjoint_chunked(PLACEHOLDER, model, emit, token, &inputs, &out_grads, &in_grads),
                     }
@@ -1295,7 +1298,7 @@ impl GpuProgram {
                 let short = steps <= SHORT_SCAN_STEPS && self.short.contains_key(&n);
                 let (kernel, cfg) = match (self.short.get(&n), self.narrow.get(&n)) {
                     (Some(k), _) if short => (k, simple_scan_launch(bsz * c)),
-                    (_, Some((plan, k))) if (bsz * c).div_ceil(plan.channels) <= self.gpu.sms => (k, self.tiled_launch(plan, bsz * c)),
+                    (_, Some((plan, k))) if scan_codegen::prefer_narrow(bsz * c, self.gpu.sms) => (k, self.tiled_launch(plan, bsz * c)),
                     _ => (&self.kernel_of[&n], self.scan_launch(n, bsz, c)?),
                 };
                 // The one-thread-per-column kernel reads a column's initial state before it writes
@@ -1498,7 +1501,11 @@ impl GpuProgram {
                 let mut din = (0..ni).map(|i| self.alloc_value(result(i as u32), &shapes[i])).collect::<Result<Vec<_>, _>>()?;
                 let mut dp_rows = (0..np).map(|_| self.alloc_uninit(cols)).collect::<Result<Vec<_>, _>>()?;
                 let mut dinit = (0..ns).map(|_| self.alloc_uninit(cols)).collect::<Result<Vec<_>, _>>()?;
-                let mut b = st.launch_builder(self.f(&self.kernel_of[&n]));
+                let (kernel, cfg) = match self.narrow.get(&n) {
+                    Some((plan, k)) if scan_codegen::prefer_narrow(cols, self.gpu.sms) => (k, self.tiled_launch(plan, cols)),
+                    _ => (&self.kernel_of[&n], self.scan_launch(n, bsz, c)?),
+                };
+                let mut b = st.launch_builder(self.f(kernel));
                 for (i, t) in ins.iter().enumerate().take(ni + np + ns + emit.len() + ns) {
                     if t.elem().is_none() {
                         return Err(bad(&format!("operand {i} must be floating point")));
@@ -1520,7 +1527,6 @@ impl GpuProgram {
                 b.arg(&si);
                 b.arg(&ki);
                 b.arg(&ci);
-                let cfg = self.scan_launch(n, bsz, c)?;
                 // SAFETY: the generated kernel's parameters are exactly these buffers and sizes.
                 unsafe { drv!(b.launch(cfg)) };
                 drop(b);

@@ -42,10 +42,6 @@ pub fn checkpoints(s: usize) -> usize {
     s.div_ceil(CHECKPOINT_EVERY)
 }
 
-/// Threads per block of the tiled scans: 4 chain warps (one thread per channel) and 28
-/// prologue warps.
-pub const TILE_BLOCK: usize = 1024;
-const PROLOGUE_THREADS: usize = TILE_BLOCK - TILE_THREADS;
 /// Steps per tile of the tiled forward, and of the reverse scan (one checkpoint chunk).
 const TILE_STEPS: usize = 16;
 /// Steps per tile of a forward scan whose chain reads the raw tiles (see [`tile_plan`]).
@@ -119,11 +115,21 @@ pub fn tile_plan(model: &NeuronModel, io: &ScanIo, max_smem: usize) -> TilePlan 
     tile_plan_for(model, io, max_smem, TILE_THREADS)
 }
 
+/// Channels per block of the narrow tiled scans, for batches too small to give every SM a
+/// 128-channel block.
+pub const NARROW_CHANNELS: usize = TILE_THREADS / 2;
+
+/// Whether `cols` columns run the narrow kernel: when even 64-channel blocks make no more
+/// than one block per SM.
+pub fn prefer_narrow(cols: usize, sms: usize) -> bool {
+    cols.div_ceil(NARROW_CHANNELS) <= sms
+}
+
 /// A plan with 64-channel blocks (512 threads) for a forward scan with prologue math, when
 /// the channels allow it: a batch too small to give every SM a 128-channel block (prefill at
 /// B=1 has 56 blocks for 132 SMs) spreads the prologue over twice as many SMs.
 pub fn narrow_tile_plan(model: &NeuronModel, c: usize, io: &ScanIo, max_smem: usize) -> Option<TilePlan> {
-    let narrow = TILE_THREADS / 2;
+    let narrow = NARROW_CHANNELS;
     let plan = tile_plan_for(model, io, max_smem, narrow);
     (c.is_multiple_of(narrow) && !io.inputs.is_empty() && !split_step(model).prologue.is_empty() && plan.smem_bytes <= max_smem).then_some(plan)
 }
@@ -306,7 +312,7 @@ fn stream_layout(tensors: &[(String, Elem)], l: usize, channels: usize) -> (Vec<
 /// `prelude` statements may define `tile`, the C expression of the tile's index in time. An
 /// empty group past the end keeps the wait counts uniform.
 #[allow(clippy::too_many_arguments)]
-fn issue_copies(streamed: &[Streamed], iter: &str, prelude: &str, tile: &str, stages: usize, l: usize, stage_bytes: usize, pt: usize) -> String {
+fn issue_copies(streamed: &[Streamed], iter: &str, prelude: &str, tile: &str, stages: usize, l: usize, stage_bytes: usize, pt: usize, extra: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "      if ({iter} < ntiles) {{");
     s.push_str(prelude);
@@ -319,6 +325,7 @@ fn issue_copies(streamed: &[Streamed], iter: &str, prelude: &str, tile: &str, st
         let _ = writeln!(s, "          if (s0 + r < S) sp_cp16(stg + {} + r * {} + ch * 16, (const unsigned char*)({} + tile_base + (long long)(s0 + r) * C) + ch * 16);", x.offset, x.row_bytes, x.ptr);
         let _ = writeln!(s, "        }}");
     }
+    s.push_str(extra);
     let _ = writeln!(s, "      }}\n      sp_cp_commit();");
     s
 }
@@ -389,7 +396,7 @@ pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(s, "  const int b = (int)(col0 / C), c0 = (int)(col0 % C);");
     let _ = writeln!(s, "  const long long tile_base = (long long)b * S * C + c0;");
     let _ = writeln!(s, "  const int ntiles = (S + {l} - 1) / {l};");
-    let issue = issue_copies(&streamed, "tt", "", "tt", ns, l, raw_stage, pt);
+    let issue = issue_copies(&streamed, "tt", "", "tt", ns, l, raw_stage, pt, "");
     // The prologue of tile `tt`: every (step, channel) of the tile in parallel.
     let mut pro = String::new();
     let _ = writeln!(pro, "      {{");
@@ -670,6 +677,14 @@ pub fn split_adjoint(model: &NeuronModel, emit: &[String]) -> Result<AdjointSpli
             parallel.push((n.clone(), e.clone()));
         }
     }
+    // The chain's carry-independent subexpressions (σ'(x), softplus(x)·u, sign(x), …) become
+    // parallel bindings too: a tile's chain runs on one warp per scheduler, so every
+    // instruction left in it is paid for once per step and channel group.
+    let taken: std::collections::BTreeSet<String> = step.bindings.iter().map(|(n, _)| n.clone()).chain(model.inputs.iter().cloned()).chain(model.params.iter().cloned()).collect();
+    let mut hoisted: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for (_, e) in chain.iter_mut() {
+        *e = hoist(e, &dependent, &taken, &mut parallel, &mut hoisted);
+    }
     let mut needed: std::collections::BTreeSet<String> = chain.iter().flat_map(|(_, e)| e.vars()).collect();
     needed.extend(step.input_grads.iter().chain(&step.param_grads).chain(&step.state_grads).cloned());
     let known: std::collections::BTreeSet<&String> = parallel.iter().map(|(n, _)| n).collect();
@@ -686,16 +701,45 @@ pub fn split_adjoint(model: &NeuronModel, emit: &[String]) -> Result<AdjointSpli
     Ok(AdjointSplit { step, parallel, chain, staged })
 }
 
-/// Shared memory of the tiled reverse scan (None when it would not fit: the per-column
-/// kernel runs instead).
-pub fn adjoint_tile_bytes(model: &NeuronModel, emit: &[String], inputs: &[Elem], out_grads: &[Elem], max_smem: usize) -> Option<usize> {
-    let split = split_adjoint(model, emit).ok()?;
-    let raw_row: usize = inputs.iter().chain(out_grads).map(|e| e.bytes() * TILE_THREADS).sum();
-    let bytes = raw_stages(TILE_STEPS * raw_row) * TILE_STEPS * raw_row + 2 * model.state.len() * TILE_STEPS * TILE_THREADS * 4 + 2 * split.staged.len() * TILE_STEPS * TILE_THREADS * 4;
-    (bytes <= max_smem).then_some(bytes)
+/// `e` with each largest subexpression that reads none of `dependent` (and is more than a
+/// variable or a constant) replaced by a fresh parallel binding; equal subexpressions share one.
+fn hoist(e: &Expr, dependent: &std::collections::BTreeSet<String>, taken: &std::collections::BTreeSet<String>, parallel: &mut Vec<(String, Expr)>, hoisted: &mut std::collections::HashMap<String, String>) -> Expr {
+    match e {
+        Expr::Var(_) | Expr::Const(_) => e.clone(),
+        _ if e.vars().iter().all(|v| !dependent.contains(v)) => {
+            let name = hoisted.entry(e.to_string()).or_insert_with(|| {
+                let name = (parallel.len()..).map(|k| format!("hoist_{k}")).find(|n| !taken.contains(n)).unwrap_or_default();
+                parallel.push((name.clone(), e.clone()));
+                name
+            });
+            Expr::Var(name.clone())
+        }
+        Expr::Un(op, a) => Expr::Un(*op, Box::new(hoist(a, dependent, taken, parallel, hoisted))),
+        Expr::Bin(op, a, b) => Expr::Bin(*op, Box::new(hoist(a, dependent, taken, parallel, hoisted)), Box::new(hoist(b, dependent, taken, parallel, hoisted))),
+    }
 }
 
-/// The reverse scan for widths that are multiples of 128, warp-specialised like
+/// Raw-input stages of the reverse scan: tile `it + stages - 2` must have landed when tile `it`
+/// is carried, so deeper pipelines hide more of the memory latency.
+fn adjoint_stages(raw_tile_bytes: usize) -> usize {
+    (64 * 1024 / raw_tile_bytes.max(1)).clamp(4, 12)
+}
+
+/// The tiled reverse scan's plan with blocks of `channels` channels (one chain thread each;
+/// [`TILE_THREADS`] or [`NARROW_CHANNELS`]) for `c` channels, or None when it does not apply
+/// (the per-column kernel runs instead). Tiles are one checkpoint chunk; each raw stage also
+/// holds the tile's checkpoints. `SPARKC_ADJOINT_STAGES` overrides the stages, for tuning.
+pub fn adjoint_tile_plan(model: &NeuronModel, emit: &[String], inputs: &[Elem], out_grads: &[Elem], c: usize, channels: usize, max_smem: usize) -> Option<TilePlan> {
+    let split = split_adjoint(model, emit).ok()?;
+    let raw_row: usize = inputs.iter().chain(out_grads).map(|e| e.bytes() * channels).sum();
+    let forced = std::env::var("SPARKC_ADJOINT_STAGES").ok().and_then(|v| v.parse::<usize>().ok()).filter(|s| (3..=16).contains(s));
+    let stages = forced.unwrap_or_else(|| adjoint_stages(TILE_STEPS * raw_row));
+    let raw_stage = TILE_STEPS * raw_row + model.state.len() * channels * 4;
+    let bytes = stages * raw_stage + 2 * model.state.len() * TILE_STEPS * channels * 4 + 2 * split.staged.len().max(1) * TILE_STEPS * channels * 4;
+    (c.is_multiple_of(channels) && bytes <= max_smem).then_some(TilePlan { steps: TILE_STEPS, stages, smem_bytes: bytes, channels })
+}
+
+/// The reverse scan for widths that are multiples of `plan.channels`, warp-specialised like
 /// [`scan_forward_tiled`] and walking the tiles from the last: for the next tile, the worker
 /// warps bring in inputs and output gradients (`cp.async`), re-run the forward over the tile
 /// from its checkpoint (one thread per channel) and evaluate every state-adjoint-independent
@@ -703,18 +747,23 @@ pub fn adjoint_tile_bytes(model: &NeuronModel, emit: &[String], inputs: &[Elem],
 /// and write the input gradients. Same signature as [`scan_adjoint_chunked`]; tiles are the
 /// 16-step checkpoint chunks, so it needs the forward's checkpoints (without them the chain
 /// threads first run the forward to make them).
-pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool, inputs: &[Elem], out_grads: &[Elem], in_grads: &[Elem]) -> Result<String, String> {
+#[allow(clippy::too_many_arguments)]
+pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool, inputs: &[Elem], out_grads: &[Elem], in_grads: &[Elem], plan: TilePlan) -> Result<String, String> {
     let per_column = scan_adjoint_chunked(name, model, emit, token_scope, inputs, out_grads, in_grads)?;
-    adjoint_tile_bytes(model, emit, inputs, out_grads, usize::MAX).ok_or("the reverse scan cannot be split into a parallel part and a chain")?;
     let split = split_adjoint(model, emit)?;
-    let raw_row: usize = inputs.iter().chain(out_grads).map(|e| e.bytes() * TILE_THREADS).sum();
-    let (l, ns, t, pt) = (TILE_STEPS, raw_stages(TILE_STEPS * raw_row), TILE_THREADS, PROLOGUE_THREADS);
+    let (l, ns, t) = (plan.steps, plan.stages, plan.channels);
+    let (block, pt) = (plan.block_threads(), plan.block_threads() - plan.channels);
+    if l != TILE_STEPS {
+        return Err(format!("the reverse scan's tiles are one checkpoint chunk ({TILE_STEPS} steps), not {l}"));
+    }
     let id = |n: &str| ident(n);
     // Raw per-step tensors: inputs, then output gradients.
     let mut raw: Vec<(String, Elem)> = model.inputs.iter().map(|n| format!("in_{}", id(n))).zip(inputs.iter().copied()).collect();
     raw.extend((0..emit.len()).map(|k| format!("g_{k}")).zip(out_grads.iter().copied()));
     let raw_names: Vec<String> = model.inputs.iter().map(|n| id(n)).chain(emit.iter().map(|o| id(&output_grad_name(o)))).collect();
-    let (streamed, raw_stage) = stream_layout(&raw, l, t);
+    let (streamed, raw_rows) = stream_layout(&raw, l, t);
+    // Each stage ends with the tile's checkpoints (one row of t floats per state).
+    let raw_stage = raw_rows + model.state.len() * t * 4;
     // Bindings of parameters only (β = σ(w)) are per-channel constants: the workers compute
     // them once per tile and the chain once, instead of staging them per element.
     let mut per_channel: std::collections::BTreeSet<String> = model.params.iter().cloned().collect();
@@ -730,7 +779,9 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let st_stage = staged.len().max(1) * l * t * 4;
     // The per-column kernel's signature, with the launch bounds of a tiled block.
     let sig_end = per_column.find(") {").ok_or("unexpected kernel text")?;
-    let mut s = per_column[..sig_end + 3].replacen("__global__ void ", &format!("__global__ void __launch_bounds__({TILE_BLOCK}) "), 1);
+    // Narrow blocks ask for two per SM, so that registers do not hold them to one.
+    let min_blocks = if t < TILE_THREADS { 2 } else { 1 };
+    let mut s = per_column[..sig_end + 3].replacen("__global__ void ", &format!("__global__ void __launch_bounds__({block}, {min_blocks}) "), 1);
     s.push('\n');
     let _ = writeln!(s, "  extern __shared__ __align__(16) unsigned char sp_smem[];");
     let _ = writeln!(s, "  const int tid = threadIdx.x;\n  const bool chain = tid < {t};\n  const int pt = tid - {t};");
@@ -748,14 +799,19 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     s.push_str(&checkpoint_pass(model, token_scope));
     let _ = writeln!(s, "  }}\n  __syncthreads();");
     // Worker pieces: copies of iteration `it`'s tile, then its recompute and parallel part.
-    let issue = issue_copies(&streamed, "it", "        const int tl = ntiles - 1 - it;\n", "tl", ns, l, raw_stage, pt);
+    // The checkpoints travel with the tile, so the recompute does not wait on a global load.
+    let mut ck_copy = String::new();
+    for (k, st) in model.state.iter().enumerate() {
+        let _ = writeln!(ck_copy, "        for (int q = pt; q < {}; q += {pt}) sp_cp16(stg + {} + q * 16, (const unsigned char*)(ck_{} + ((long long)b * nck + tl) * C + c0) + q * 16);", t * 4 / 16, raw_rows + k * t * 4, id(&st.name));
+    }
+    let issue = issue_copies(&streamed, "it", "        const int tl = ntiles - 1 - it;\n", "tl", ns, l, raw_stage, pt, &ck_copy);
     let load_raw = |s: &mut String, indent: &str, j: &str, ch: &str| {
         for (name, ((_, e), x)) in raw_names.iter().zip(raw.iter().zip(&streamed)) {
             let _ = writeln!(s, "{indent}const float {name} = sp_ld((const {}*)(stg + {} + ({j}) * {}), {ch});", e.c_type(), x.offset, x.row_bytes);
         }
     };
     // Three stages run at once on three tiles: the chain on tile `it`, the parallel part of
-    // tile it+1 (workers from the fifth warp on), and the forward recompute of tile it+2 from its
+    // tile it+1 (the other workers), and the forward recompute of tile it+2 from its
     // checkpoint (the first four worker warps, one thread per channel). Tiles are independent
     // given their checkpoints, so the sequential recompute is off the chain's critical path.
     let head = |s: &mut String| {
@@ -771,28 +827,43 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     for n in &model.params {
         let _ = writeln!(recompute, "          const float {} = p_{}[c];", id(n), id(n));
     }
-    for st in &model.state {
-        let _ = writeln!(recompute, "          float {0} = ck_{0}[((long long)b * nck + tl) * C + c];", id(&st.name));
+    for (k, st) in model.state.iter().enumerate() {
+        let _ = writeln!(recompute, "          float {} = ((const float*)(stg + {}))[ch];", id(&st.name), raw_rows + k * t * 4);
     }
-    // Straight-line for a whole tile (see the forward), a loop for the partial one.
-    let recompute_step = |s: &mut String, j: &str| {
+    // Straight-line for a whole tile (see the forward), a loop for the partial one. The whole
+    // tile keeps each step's state in registers and stores them after the last step: stores to
+    // shared memory between the steps would keep the compiler from issuing the steps' loads
+    // early, and each step would wait on its own.
+    let recompute_step = |s: &mut String, j: &str, keep: bool| {
         reset(s, "            ");
         for (k, st) in model.state.iter().enumerate() {
-            let _ = writeln!(s, "            sv[{} + ({j}) * {t} + ch] = {};", k * l * t, id(&st.name));
+            if keep {
+                let _ = writeln!(s, "            keep_{k}_{j} = {};", id(&st.name));
+            } else {
+                let _ = writeln!(s, "            sv[{} + ({j}) * {t} + ch] = {};", k * l * t, id(&st.name));
+            }
         }
         load_raw(s, "            ", j, "ch");
         s.push_str(&forward_step(model, &[]));
     };
     let _ = writeln!(recompute, "          if (s0 + {l} <= S) {{");
+    for k in 0..model.state.len() {
+        let _ = writeln!(recompute, "            float {};", (0..l).map(|j| format!("keep_{k}_{j}")).collect::<Vec<_>>().join(", "));
+    }
     for j in 0..l {
         let _ = writeln!(recompute, "            {{\n            const int step = s0 + {j};");
-        recompute_step(&mut recompute, &j.to_string());
+        recompute_step(&mut recompute, &j.to_string(), true);
         let _ = writeln!(recompute, "            }}");
+    }
+    for k in 0..model.state.len() {
+        for j in 0..l {
+            let _ = writeln!(recompute, "            sv[{} + {j} * {t} + ch] = keep_{k}_{j};", k * l * t);
+        }
     }
     let _ = writeln!(recompute, "          }} else {{");
     let _ = writeln!(recompute, "          for (int j = 0; j < {l}; ++j) {{");
     let _ = writeln!(recompute, "            const int step = s0 + j;\n            if (step >= S) break;");
-    recompute_step(&mut recompute, "j");
+    recompute_step(&mut recompute, "j", false);
     let _ = writeln!(recompute, "          }}\n          }}\n        }}\n      }}");
     // Every state-adjoint-independent binding, all elements of the tile in parallel.
     // Workers are a multiple of the channel count, so each worker keeps one channel: its
@@ -944,9 +1015,11 @@ mod tests {
         assert!(adj.contains("step % K == 0"), "{adj}");
         let sel = neuron::selective_plif();
         let vp = ["vpost".to_string()];
-        let tiled_adj = scan_adjoint_tiled("sel_bwd", &sel, &vp, false, &[Elem::Bf16; 3], &[Elem::Bf16], &[Elem::Bf16; 3]).unwrap();
+        let sel_plan = adjoint_tile_plan(&sel, &vp, &[Elem::Bf16; 3], &[Elem::Bf16], 7168, TILE_THREADS, 227 * 1024).unwrap();
+        let tiled_adj = scan_adjoint_tiled("sel_bwd", &sel, &vp, false, &[Elem::Bf16; 3], &[Elem::Bf16], &[Elem::Bf16; 3], sel_plan).unwrap();
         if std::env::var_os("SHOW_KERNEL").is_some() {
-            eprintln!("{}", scan_adjoint_tiled("plif_bwd_tiled", &m, &emit, false, &[Elem::Bf16], &[Elem::Bf16], &[Elem::Bf16]).unwrap());
+            let plan = adjoint_tile_plan(&m, &emit, &[Elem::Bf16], &[Elem::Bf16], 896, NARROW_CHANNELS, 227 * 1024).unwrap();
+            eprintln!("{}", scan_adjoint_tiled("plif_bwd_tiled", &m, &emit, false, &[Elem::Bf16], &[Elem::Bf16], &[Elem::Bf16], plan).unwrap());
         }
         if std::env::var_os("SHOW_KERNEL").is_some() {
             eprintln!("{tiled_adj}\n{:?}", split_adjoint(&sel, &vp).unwrap());
@@ -955,7 +1028,8 @@ mod tests {
         // Selective PLIF with a detached reset: the chain needs only β, the previous state, the
         // spike and the output gradient; the recomputed step and the surrogate are parallel.
         let split = split_adjoint(&sel, &vp).unwrap();
-        assert_eq!(split.staged, ["beta", "v", "f2", "d_f4"], "{split:?}");
+        assert_eq!(split.staged, ["beta", "v", "d_f4", "hoist_6"], "{split:?}");
+        assert!(split.parallel.iter().any(|(n, e)| n == "hoist_6" && e.to_string() == "-f2"), "{split:?}");
         assert!(split.chain.iter().all(|(_, e)| !e.vars().contains("f0")), "{split:?}");
     }
 
