@@ -170,7 +170,9 @@ pub fn differentiate(fwd: &Graph, loss: &str, inputs: &[&str]) -> Result<Graph, 
                         continue;
                     }
                     let e = Expr::bin(BinOp::Mul, Expr::var(&dy_var), local).simplify();
-                    let mut d = ad.map(e, &operands, &format!("{name}.x{i}"))?;
+                    // A gradient that is the incoming one unchanged (either side of a sum) is
+                    // that value, not a copy of it.
+                    let mut d = if e == Expr::var(&dy_var) { dy } else { ad.map(e, &operands, &format!("{name}.x{i}"))? };
                     let (xt, outt) = (fwd.value_type(ops[i]), fwd.value_type(results[0]));
                     if xt.shape.resolve(&fwd.dims) != outt.shape.resolve(&fwd.dims) {
                         d = ad.add1(Op::ReduceLike, &[d, ops[i]], &format!("{name}.x{i}.reduce"))?;

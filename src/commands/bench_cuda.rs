@@ -34,7 +34,7 @@ pub fn run(a: &Args) -> Result<()> {
     let fused = fused_selective_model(&fused_graph)?;
     if part("scans") {
         println!("\nneuron scans at B=2, S=8176 (511 tokens x 16 frames), generated from the neuron models; original: spec §9");
-        println!("  {:<62} {:>7} {:>8} {:>7} {:>8} {:>7}", "scan", "columns", "fwd ms", "GB/s", "bwd ms", "GB/s");
+        println!("  {:<62} {:>7} {:>8} {:>7} {:>8} {:>7} {:>8}", "scan", "columns", "fwd ms", "GB/s", "bwd ms", "GB/s", "seg ms");
     }
     let (f32x, bf16x) = (Elem::F32, Elem::Bf16);
     let sel = neuron::selective_plif();
@@ -58,14 +58,15 @@ pub fn run(a: &Args) -> Result<()> {
     ];
     let mut scans = Vec::new();
     for r in rows.iter().filter(|_| part("scans")) {
-        let (f, bwd) = time_scan(&gpu, &r.case, 20)?;
+        let (f, bwd, seg) = time_scan(&gpu, &r.case, 20)?;
+        let seg_text = seg.map_or("-".to_string(), |ms| format!("{ms:.3}"));
         println!(
-            "  {:<62} {:>7} {:>8.3} {:>7.0} {:>8.3} {:>7.0}   (original {} / {} ms)",
-            r.label, 2 * r.case.c, f.median_ms, f.gb_per_s(), bwd.median_ms, bwd.gb_per_s(), r.original.0, r.original.1
+            "  {:<62} {:>7} {:>8.3} {:>7.0} {:>8.3} {:>7.0} {:>8}   (original {} / {} ms)",
+            r.label, 2 * r.case.c, f.median_ms, f.gb_per_s(), bwd.median_ms, bwd.gb_per_s(), seg_text, r.original.0, r.original.1
         );
         scans.push(serde_json::json!({
             "scan": r.label, "columns": 2 * r.case.c, "forward_ms": f.median_ms, "forward_gb_per_s": f.gb_per_s(), "forward_bytes": f.bytes,
-            "backward_ms": bwd.median_ms, "backward_gb_per_s": bwd.gb_per_s(), "backward_bytes": bwd.bytes,
+            "backward_ms": bwd.median_ms, "backward_gb_per_s": bwd.gb_per_s(), "backward_bytes": bwd.bytes, "backward_segmented_ms": seg,
             "original_forward_ms": r.original.0, "original_backward_ms": r.original.1,
         }));
     }

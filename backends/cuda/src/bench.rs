@@ -4,6 +4,7 @@
 use crate::codegen::{self, Elem};
 use crate::device::Gpu;
 use crate::scan_codegen::{self, ScanIo};
+use crate::scan_segmented;
 use crate::CudaError;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -99,7 +100,7 @@ pub struct ScanCase<'a> {
 
 /// Forward (inference: no checkpoints) and reverse scan timings of one case. The reverse scan
 /// reads the checkpoints a training forward keeps.
-pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming, ScanTiming), CudaError> {
+pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming, ScanTiming, Option<f64>), CudaError> {
     let (model, emit, io) = (case.model, case.emit, &case.io);
     let (b, s, k, c) = (case.b, case.s, case.k, case.c);
     let tiled = case.simple_unroll.is_none() && scan_codegen::can_tile(model, c, io, gpu.max_smem);
@@ -119,6 +120,11 @@ pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming
         None => scan_codegen::scan_adjoint_chunked("bench_bwd", model, emit, false, &io.inputs, &io.outputs, &io.inputs),
     };
     src.push_str(&bwd_src.map_err(CudaError::Unsupported)?);
+    let segmented = scan_segmented::scan_adjoint_segmented("bench_summary", "bench_segments", model, emit, false, &io.inputs, &io.outputs, &io.inputs).ok();
+    if let Some(k) = &segmented {
+        src.push_str(&k.summary);
+        src.push_str(&k.adjoint);
+    }
     let module = gpu.load_with(&src, case.fast)?;
     let fwd = drv!(module.load_function("bench_fwd"));
     let bwd = drv!(module.load_function("bench_bwd"));
@@ -191,6 +197,42 @@ pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming
         unsafe { drv!(l.launch(bwd_cfg)) };
         Ok(())
     })?;
+    // The time-parallel reverse scan, both kernels.
+    let segmented_ms = match segmented {
+        None => None,
+        Some(_) => {
+            let (summary, adjoint) = (drv!(module.load_function("bench_summary")), drv!(module.load_function("bench_segments")));
+            let nseg = scan_segmented::segments(s);
+            let mut seg_a = drv!(gpu.stream.alloc_zeros::<f32>(nseg * b * c));
+            let mut seg_b = drv!(gpu.stream.alloc_zeros::<f32>(nseg * b * c));
+            let mut dp_seg: Vec<CudaSlice<f32>> = (0..model.params.len()).map(|_| gpu.stream.alloc_zeros::<f32>(nseg * b * c)).collect::<Result<_, _>>().map_err(|e| CudaError::Driver(format!("{e:?}")))?;
+            let cfg = LaunchConfig { grid_dim: ((b * c).div_ceil(128) as u32, nseg as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let nseg_i = nseg as i32;
+            Some(median_ms(gpu, iters, || {
+                let mut l = gpu.stream.launch_builder(&summary);
+                inputs.iter_mut().for_each(|x| x.push(&mut l));
+                params.iter_mut().chain(init.iter_mut()).for_each(|x| { l.arg(x); });
+                gouts.iter_mut().for_each(|x| x.push(&mut l));
+                gfin.iter_mut().chain(ck.iter_mut()).for_each(|x| { l.arg(x); });
+                l.arg(&mut seg_a).arg(&mut seg_b).arg(&nseg_i).arg(&bi).arg(&si).arg(&ki).arg(&ci);
+                // SAFETY: the arguments follow the generated kernel's signature.
+                unsafe { drv!(l.launch(cfg)) };
+                drop(l);
+                let mut l = gpu.stream.launch_builder(&adjoint);
+                inputs.iter_mut().for_each(|x| x.push(&mut l));
+                params.iter_mut().chain(init.iter_mut()).for_each(|x| { l.arg(x); });
+                gouts.iter_mut().for_each(|x| x.push(&mut l));
+                gfin.iter_mut().chain(ck.iter_mut()).for_each(|x| { l.arg(x); });
+                l.arg(&seg_a).arg(&seg_b).arg(&nseg_i);
+                din.iter_mut().for_each(|x| x.push(&mut l));
+                dp_seg.iter_mut().chain(dinit.iter_mut()).for_each(|x| { l.arg(x); });
+                l.arg(&bi).arg(&si).arg(&ki).arg(&ci);
+                // SAFETY: the arguments follow the generated kernel's signature.
+                unsafe { drv!(l.launch(cfg)) };
+                Ok(())
+            })?)
+        }
+    };
     let per_step: u64 = io.inputs.iter().map(|e| e.bytes() as u64).sum();
     let per_out: u64 = io.outputs.iter().map(|e| e.bytes() as u64).sum();
     let small = 4 * (model.params.len() * c + 2 * model.state.len() * b * c) as u64;
@@ -198,5 +240,5 @@ pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming
     let fwd_bytes = (per_step + per_out) * n as u64 + small;
     // Reads inputs, output gradients and checkpoints; writes input gradients.
     let bwd_bytes = (2 * per_step + per_out) * n as u64 + ck_bytes + small + 4 * (model.params.len() * b * c) as u64;
-    Ok((ScanTiming { median_ms: fwd_ms, bytes: fwd_bytes }, ScanTiming { median_ms: bwd_ms, bytes: bwd_bytes }))
+    Ok((ScanTiming { median_ms: fwd_ms, bytes: fwd_bytes }, ScanTiming { median_ms: bwd_ms, bytes: bwd_bytes }, segmented_ms))
 }

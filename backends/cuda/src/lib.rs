@@ -18,6 +18,7 @@ mod fusion;
 pub mod library;
 pub mod program;
 pub mod scan_codegen;
+pub mod scan_segmented;
 pub mod training;
 
 pub use device::{unavailable_reason, Gpu};

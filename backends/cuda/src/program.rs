@@ -6,6 +6,7 @@ use crate::capture::{graph_node_kinds, CapturePool, GraphTables};
 use crate::device::Gpu;
 use crate::fusion::{self, Fused, FusionPlan};
 use crate::scan_codegen::{self, ScanIo, TilePlan};
+use crate::scan_segmented;
 use crate::library::LIBRARY;
 use crate::CudaError;
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
@@ -159,6 +160,9 @@ pub struct GpuProgram {
     /// Tiled scans that also have a 64-channel-block kernel, for batches too small to give
     /// every SM a 128-channel block.
     narrow: HashMap<NodeIndex, (TilePlan, String)>,
+    /// Reverse scans that also have the time-parallel pair (summary, adjoint kernel), for few
+    /// columns ([`scan_segmented`]).
+    segmented: HashMap<NodeIndex, (String, String)>,
     /// Forward scans run by the tiled kernel that also have a one-thread-per-column kernel,
     /// for runs of a few steps (a decode step's 16 frames), where the tiled kernel's setup and
     /// shared-memory pipeline cost more than the steps.
@@ -259,6 +263,7 @@ impl GpuProgram {
         let taped: HashSet<NodeIndex> = tape_of.values().copied().collect();
         let mut tiled = HashMap::new();
         let mut narrow: HashMap<NodeIndex, (TilePlan, String)> = HashMap::new();
+        let mut segmented: HashMap<NodeIndex, (String, String)> = HashMap::new();
         let mut short: HashMap<NodeIndex, String> = HashMap::new();
         let mut kernel_of: HashMap<NodeIndex, String> = HashMap::new();
         // Nodes with identical generated kernels share one (a training graph has hundreds of
@@ -340,6 +345,9 @@ impl GpuProgram {
                     }
                     .map_err(CudaError::Unsupported)?;
                     kernel_of.insert(n, add_kernel("scan_adjoint", k));
+                    if let Ok(k) = scan_segmented::scan_adjoint_segmented(PLACEHOLDER, PLACEHOLDER, model, emit, token, &inputs, &out_grads, &in_grads) {
+                        segmented.insert(n, (add_kernel("scan_summary", k.summary), add_kernel("scan_adjoint_segments", k.adjoint)));
+                    }
                 }
                 Op::PonderWeightsGrad { .. } => {
                     let k = graph.value_type(operands[2]).shape.resolve(&graph.dims).dims()[2].as_const();
@@ -398,6 +406,7 @@ impl GpuProgram {
             taped,
             tiled,
             narrow,
+            segmented,
             short,
             resident: None,
             capture_pool: Default::default(),
@@ -1499,42 +1508,73 @@ impl GpuProgram {
                     None => (0..ns).map(|_| self.alloc_uninit(cols * scan_codegen::checkpoints(steps))).collect::<Result<Vec<_>, _>>()?,
                 };
                 let mut din = (0..ni).map(|i| self.alloc_value(result(i as u32), &shapes[i])).collect::<Result<Vec<_>, _>>()?;
-                let mut dp_rows = (0..np).map(|_| self.alloc_uninit(cols)).collect::<Result<Vec<_>, _>>()?;
                 let mut dinit = (0..ns).map(|_| self.alloc_uninit(cols)).collect::<Result<Vec<_>, _>>()?;
-                let (kernel, cfg) = match self.narrow.get(&n) {
-                    Some((plan, k)) if scan_codegen::prefer_narrow(cols, self.gpu.sms) => (k, self.tiled_launch(plan, cols)),
-                    _ => (&self.kernel_of[&n], self.scan_launch(n, bsz, c)?),
-                };
-                let mut b = st.launch_builder(self.f(kernel));
-                for (i, t) in ins.iter().enumerate().take(ni + np + ns + emit.len() + ns) {
-                    if t.elem().is_none() {
-                        return Err(bad(&format!("operand {i} must be floating point")));
-                    }
-                    t.push(&mut b);
-                }
-                for x in ck.iter_mut() {
-                    b.arg(x);
-                }
-                b.arg(&have_ck);
-                for x in din.iter_mut() {
-                    x.push_mut(&mut b);
-                }
-                for x in dp_rows.iter_mut().chain(dinit.iter_mut()) {
-                    b.arg(x);
+                // Few columns run the time-parallel pair (`scan_segmented`), given checkpoints.
+                let segments = self.segmented.get(&n).filter(|_| have_ck == 1 && scan_segmented::prefer_segments(cols, self.gpu.sms));
+                let nseg = if segments.is_some() { scan_segmented::segments(steps) } else { 1 };
+                let mut dp_rows = (0..np).map(|_| self.alloc_uninit(nseg * cols)).collect::<Result<Vec<_>, _>>()?;
+                let lead = ni + np + ns + emit.len() + ns;
+                if let Some(i) = ins.iter().take(lead).position(|t| t.elem().is_none()) {
+                    return Err(bad(&format!("operand {i} must be floating point")));
                 }
                 let (bi, si, ki, ci) = (bsz as i32, steps as i32, s[2] as i32, c as i32);
-                b.arg(&bi);
-                b.arg(&si);
-                b.arg(&ki);
-                b.arg(&ci);
-                // SAFETY: the generated kernel's parameters are exactly these buffers and sizes.
-                unsafe { drv!(b.launch(cfg)) };
-                drop(b);
+                if let Some((summary, adjoint)) = segments {
+                    let mut seg_a = self.alloc_uninit(nseg * cols)?;
+                    let mut seg_b = self.alloc_uninit(nseg * cols)?;
+                    let cfg = LaunchConfig { grid_dim: (cols.div_ceil(128) as u32, nseg as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                    let nseg_i = nseg as i32;
+                    let mut b = st.launch_builder(self.f(summary));
+                    ins.iter().take(lead).for_each(|t| t.push(&mut b));
+                    for x in ck.iter_mut() {
+                        b.arg(x);
+                    }
+                    b.arg(&mut seg_a).arg(&mut seg_b).arg(&nseg_i).arg(&bi).arg(&si).arg(&ki).arg(&ci);
+                    // SAFETY: the summary kernel's parameters are exactly these buffers and sizes.
+                    unsafe { drv!(b.launch(cfg)) };
+                    drop(b);
+                    let mut b = st.launch_builder(self.f(adjoint));
+                    ins.iter().take(lead).for_each(|t| t.push(&mut b));
+                    for x in ck.iter_mut() {
+                        b.arg(x);
+                    }
+                    b.arg(&seg_a).arg(&seg_b).arg(&nseg_i);
+                    for x in din.iter_mut() {
+                        x.push_mut(&mut b);
+                    }
+                    for x in dp_rows.iter_mut().chain(dinit.iter_mut()) {
+                        b.arg(x);
+                    }
+                    b.arg(&bi).arg(&si).arg(&ki).arg(&ci);
+                    // SAFETY: the segmented kernel's parameters are exactly these buffers and sizes.
+                    unsafe { drv!(b.launch(cfg)) };
+                    drop(b);
+                } else {
+                    let (kernel, cfg) = match self.narrow.get(&n) {
+                        Some((plan, k)) if scan_codegen::prefer_narrow(cols, self.gpu.sms) => (k, self.tiled_launch(plan, cols)),
+                        _ => (&self.kernel_of[&n], self.scan_launch(n, bsz, c)?),
+                    };
+                    let mut b = st.launch_builder(self.f(kernel));
+                    ins.iter().take(lead).for_each(|t| t.push(&mut b));
+                    for x in ck.iter_mut() {
+                        b.arg(x);
+                    }
+                    b.arg(&have_ck);
+                    for x in din.iter_mut() {
+                        x.push_mut(&mut b);
+                    }
+                    for x in dp_rows.iter_mut().chain(dinit.iter_mut()) {
+                        b.arg(x);
+                    }
+                    b.arg(&bi).arg(&si).arg(&ki).arg(&ci);
+                    // SAFETY: the generated kernel's parameters are exactly these buffers and sizes.
+                    unsafe { drv!(b.launch(cfg)) };
+                    drop(b);
+                }
                 drop(ck);
                 let mut res = din;
                 for (j, rows_) in dp_rows.iter().enumerate() {
                     let mut g = self.alloc(c)?;
-                    self.sum_rows(&mut g, rows_, bsz, c)?;
+                    self.sum_rows(&mut g, rows_, nseg * bsz, c)?;
                     res.push(wrap(g, &shapes[ni + j]));
                 }
                 for (j, d) in dinit.into_iter().enumerate() {

@@ -521,11 +521,44 @@ pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
 /// the input gradients written.
 pub fn scan_adjoint_chunked(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool, inputs: &[Elem], out_grads: &[Elem], in_grads: &[Elem]) -> Result<String, String> {
     let step = derive(model, emit)?;
-    let ck = CHECKPOINT_EVERY;
     let id = |n: &str| ident(n);
-    if inputs.len() != model.inputs.len() || in_grads.len() != model.inputs.len() || out_grads.len() != emit.len() {
+    let mut p = adjoint_params(model, emit, inputs, out_grads)?;
+    p.push("int have_ck".into());
+    p.extend(adjoint_result_params(model, in_grads)?);
+    p.extend(["int B", "int S", "int K", "int C"].map(String::from));
+    let mut s = format!("extern \"C\" __global__ void {name}({}) {{\n", p.join(", "));
+    let _ = writeln!(s, "  const long long col = blockIdx.x * (long long)blockDim.x + threadIdx.x;");
+    let _ = writeln!(s, "  if (col >= (long long)B * C) return;");
+    s.push_str(&column_setup(model));
+    // 1. Checkpoints, when the forward did not keep them.
+    let _ = writeln!(s, "  if (!have_ck) {{");
+    s.push_str(&checkpoint_pass(model, token_scope));
+    let _ = writeln!(s, "  }}");
+    // 2. Reverse, chunk by chunk.
+    for st in &model.state {
+        let _ = writeln!(s, "  float carry_{0} = gf_{0}[col];", id(&st.name));
+    }
+    for n in &model.params {
+        let _ = writeln!(s, "  double acc_{} = 0.0;", id(n));
+    }
+    s.push_str(&reverse_chunks(model, emit, token_scope, "nck - 1", "0", &adjoint_step_body(model, &step, token_scope)));
+    for st in &model.state {
+        let _ = writeln!(s, "  dinit_{0}[col] = carry_{0};", id(&st.name));
+    }
+    for n in &model.params {
+        let _ = writeln!(s, "  dp_{0}[col] = (float)acc_{0};", id(n));
+    }
+    s.push_str("}\n");
+    Ok(s)
+}
+
+/// The reverse scans' leading parameters: per-step inputs, parameters, initial states, output
+/// gradients, final-state gradients, checkpoints.
+pub(crate) fn adjoint_params(model: &NeuronModel, emit: &[String], inputs: &[Elem], out_grads: &[Elem]) -> Result<Vec<String>, String> {
+    if inputs.len() != model.inputs.len() || out_grads.len() != emit.len() {
         return Err(format!("reverse scan of `{}`: storage given for the wrong number of tensors", model.name));
     }
+    let id = |n: &str| ident(n);
     let mut p = Vec::new();
     for (n, t) in model.inputs.iter().zip(inputs) {
         p.push(format!("const {}* __restrict__ in_{}", t.c_type(), id(n)));
@@ -545,7 +578,17 @@ pub fn scan_adjoint_chunked(name: &str, model: &NeuronModel, emit: &[String], to
     for st in &model.state {
         p.push(format!("float* __restrict__ ck_{}", id(&st.name)));
     }
-    p.push("int have_ck".into());
+    Ok(p)
+}
+
+/// The reverse scans' results: input gradients, per-column parameter gradients, initial-state
+/// gradients.
+pub(crate) fn adjoint_result_params(model: &NeuronModel, in_grads: &[Elem]) -> Result<Vec<String>, String> {
+    if in_grads.len() != model.inputs.len() {
+        return Err(format!("reverse scan of `{}`: storage given for the wrong number of input gradients", model.name));
+    }
+    let id = |n: &str| ident(n);
+    let mut p = Vec::new();
     for (n, t) in model.inputs.iter().zip(in_grads) {
         p.push(format!("{}* __restrict__ din_{}", t.c_type(), id(n)));
     }
@@ -555,29 +598,55 @@ pub fn scan_adjoint_chunked(name: &str, model: &NeuronModel, emit: &[String], to
     for st in &model.state {
         p.push(format!("float* __restrict__ dinit_{}", id(&st.name)));
     }
-    p.extend(["int B", "int S", "int K", "int C"].map(String::from));
-    let mut s = format!("extern \"C\" __global__ void {name}({}) {{\n", p.join(", "));
-    let _ = writeln!(s, "  const long long col = blockIdx.x * (long long)blockDim.x + threadIdx.x;");
-    let _ = writeln!(s, "  if (col >= (long long)B * C) return;");
+    Ok(p)
+}
+
+/// Per-column names of the one-thread-per-column reverse scans: `b`, `c`, `nck`, `base` and
+/// the parameters (expects `col`).
+pub(crate) fn column_setup(model: &NeuronModel) -> String {
+    let mut s = String::new();
     let _ = writeln!(s, "  const int b = (int)(col / C), c = (int)(col % C);");
-    let _ = writeln!(s, "  const int nck = (S + {ck} - 1) / {ck};");
+    let _ = writeln!(s, "  const int nck = (S + {CHECKPOINT_EVERY} - 1) / {CHECKPOINT_EVERY};");
     let _ = writeln!(s, "  const long long base = (long long)b * S * C + c;");
     for n in &model.params {
-        let _ = writeln!(s, "  const float {} = p_{}[c];", id(n), id(n));
+        let _ = writeln!(s, "  const float {} = p_{}[c];", ident(n), ident(n));
     }
-    let reset = |s: &mut String, indent: &str| s.push_str(&token_reset(model, token_scope, indent));
-    // 1. Checkpoints, when the forward did not keep them.
-    let _ = writeln!(s, "  if (!have_ck) {{");
-    s.push_str(&checkpoint_pass(model, token_scope));
-    let _ = writeln!(s, "  }}");
-    // 2. Reverse, chunk by chunk.
+    s
+}
+
+/// One reverse step of the full adjoint: every binding, the input-gradient stores, the
+/// parameter-gradient sums (`acc_*`) and the carried state adjoint (`carry_*`).
+pub(crate) fn adjoint_step_body(model: &NeuronModel, step: &sparkc_ir::adjoint::AdjointStep, token_scope: bool) -> String {
+    let id = |n: &str| ident(n);
+    let mut s = String::new();
     for st in &model.state {
-        let _ = writeln!(s, "  float carry_{0} = gf_{0}[col];", id(&st.name));
+        let _ = writeln!(s, "      const float {} = carry_{};", id(&state_grad_name(&st.name)), id(&st.name));
     }
-    for n in &model.params {
-        let _ = writeln!(s, "  double acc_{} = 0.0;", id(n));
+    for (n, e) in &step.bindings {
+        let _ = writeln!(s, "      const float {} = {};", id(n), crate::codegen::expr(e, &|v| id(v)));
     }
-    let _ = writeln!(s, "  for (int chunk = nck - 1; chunk >= 0; --chunk) {{");
+    for (n, g) in model.inputs.iter().zip(&step.input_grads) {
+        let _ = writeln!(s, "      sp_st(din_{}, at, {});", id(n), id(g));
+    }
+    for (n, g) in model.params.iter().zip(&step.param_grads) {
+        let _ = writeln!(s, "      acc_{} += (double){};", id(n), id(g));
+    }
+    for (st, g) in model.state.iter().zip(&step.state_grads) {
+        let cut = if token_scope { "(step % K == 0) ? 0.0f : " } else { "" };
+        let _ = writeln!(s, "      carry_{} = {cut}{};", id(&st.name), id(g));
+    }
+    s
+}
+
+/// The chunks `from` down to `to` (C expressions, inclusive) of one column, walked backwards:
+/// each chunk's inputs and output gradients are loaded at once, the forward is re-run from the
+/// chunk's checkpoint in registers, and `body` runs for each step from the last, with the
+/// inputs, the state before the step, the output gradients, `step` and `at` in scope.
+pub(crate) fn reverse_chunks(model: &NeuronModel, emit: &[String], token_scope: bool, from: &str, to: &str, body: &str) -> String {
+    let ck = CHECKPOINT_EVERY;
+    let id = |n: &str| ident(n);
+    let mut s = String::new();
+    let _ = writeln!(s, "  for (int chunk = {from}; chunk >= {to}; --chunk) {{");
     let _ = writeln!(s, "    const int s0 = chunk * {ck};");
     for n in &model.inputs {
         let _ = writeln!(s, "    float xs_{}[{ck}];", id(n));
@@ -605,7 +674,7 @@ pub fn scan_adjoint_chunked(name: &str, model: &NeuronModel, emit: &[String], to
     }
     let _ = writeln!(s, "    #pragma unroll\n    for (int j = 0; j < {ck}; ++j) {{\n      if (s0 + j < S) {{");
     let _ = writeln!(s, "      const int step = s0 + j;");
-    reset(&mut s, "      ");
+    s.push_str(&token_reset(model, token_scope, "      "));
     for st in &model.state {
         let _ = writeln!(s, "      ss_{0}[j] = {0};", id(&st.name));
     }
@@ -623,33 +692,13 @@ pub fn scan_adjoint_chunked(name: &str, model: &NeuronModel, emit: &[String], to
     }
     for st in &model.state {
         let _ = writeln!(s, "      const float {0} = ss_{0}[j];", id(&st.name));
-        let _ = writeln!(s, "      const float {} = carry_{};", id(&state_grad_name(&st.name)), id(&st.name));
     }
     for (k, o) in emit.iter().enumerate() {
         let _ = writeln!(s, "      const float {} = gs_{k}[j];", id(&output_grad_name(o)));
     }
-    for (n, e) in &step.bindings {
-        let _ = writeln!(s, "      const float {} = {};", id(n), crate::codegen::expr(e, &|v| id(v)));
-    }
-    for (n, g) in model.inputs.iter().zip(&step.input_grads) {
-        let _ = writeln!(s, "      sp_st(din_{}, at, {});", id(n), id(g));
-    }
-    for (n, g) in model.params.iter().zip(&step.param_grads) {
-        let _ = writeln!(s, "      acc_{} += (double){};", id(n), id(g));
-    }
-    for (st, g) in model.state.iter().zip(&step.state_grads) {
-        let cut = if token_scope { "(step % K == 0) ? 0.0f : " } else { "" };
-        let _ = writeln!(s, "      carry_{} = {cut}{};", id(&st.name), id(g));
-    }
+    s.push_str(body);
     let _ = writeln!(s, "      }}\n    }}\n  }}");
-    for st in &model.state {
-        let _ = writeln!(s, "  dinit_{0}[col] = carry_{0};", id(&st.name));
-    }
-    for n in &model.params {
-        let _ = writeln!(s, "  dp_{0}[col] = (float)acc_{0};", id(n));
-    }
-    s.push_str("}\n");
-    Ok(s)
+    s
 }
 
 /// The reverse-scan step split like [`split_step`]: the bindings that do not depend on the
