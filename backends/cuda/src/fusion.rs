@@ -29,6 +29,10 @@ pub(crate) enum Fused {
     /// D→DN projections): one batched GEMM. The anchor is the first of `members` to run; each
     /// member's result is its own value.
     LinearGroup { input: Value, weights: Vec<Value>, members: Vec<NodeIndex> },
+    /// linear_grad_input(dy, weight) → `x0 + x1` with a gradient `into` that nothing else
+    /// reads: the GEMM adds its product to `into` in place (β = 1), whose buffer becomes the
+    /// sum. The backward sums gradient contributions this way at every residual branch.
+    AccumulatedGradInput { dy: Value, weight: Value, into: Value, grad_input: NodeIndex },
 }
 
 impl Fused {
@@ -38,6 +42,7 @@ impl Fused {
             Fused::PonderAggregate { operands, weight, bias, .. } => operands.iter().copied().chain([*weight, *bias]).collect(),
             Fused::CenteredResidual { residual, update } => vec![*residual, *update],
             Fused::LinearGroup { input, weights, .. } => std::iter::once(*input).chain(weights.iter().copied()).collect(),
+            Fused::AccumulatedGradInput { dy, weight, into, .. } => vec![*dy, *weight, *into],
         }
     }
 
@@ -54,6 +59,7 @@ impl Fused {
             Fused::PonderAggregate { .. } => "ponder_aggregate (fused)",
             Fused::CenteredResidual { .. } => "centered_residual (fused)",
             Fused::LinearGroup { .. } => "linear group (batched)",
+            Fused::AccumulatedGradInput { .. } => "linear_grad_input + accumulate (fused)",
         }
     }
 }
@@ -99,13 +105,23 @@ pub(crate) fn plan(g: &Graph, order: &[NodeIndex], group_linears: bool, is_f32: 
     for n in g.g.node_indices() {
         let fused = match &g.node(n).op {
             Op::FrameWeightedSum => ponder_chain(g, n, &sole_reader, &unread),
-            Op::Map { expr } if is_sum_of_operands(expr) => residual_chain(g, n, &sole_reader),
+            Op::Map { expr } if is_sum_of_operands(expr) => residual_chain(g, n, &sole_reader).or_else(|| accumulated_grad_input(g, n, &sole_reader)),
             _ => None,
         };
         let Some((fused, absorbed)) = fused else { continue };
         // The PonderNet kernel is generated for its operands' storage and writes what its reader
-        // wants; the residual kernel reads and writes f32 (as the residual stream is).
+        // wants; the residual kernel reads and writes f32 (as the residual stream is). An
+        // accumulated gradient's sum is its addend's buffer, so the two must be stored alike
+        // (the GEMM adds its product in f32 and rounds once).
         let typed = matches!(fused, Fused::PonderAggregate { .. });
+        if let Fused::AccumulatedGradInput { into, .. } = fused {
+            if is_f32(Value { node: n, port: 0 }) != is_f32(into) {
+                continue;
+            }
+            plan.absorbed.extend(absorbed);
+            plan.anchors.insert(n, fused);
+            continue;
+        }
         if typed || (is_f32(Value { node: n, port: 0 }) && fused.inputs().iter().all(|&v| is_f32(v))) {
             plan.absorbed.extend(absorbed);
             plan.anchors.insert(n, fused);
@@ -155,6 +171,21 @@ fn linear_groups(g: &Graph, order: &[NodeIndex], is_f32: &dyn Fn(Value) -> bool)
         .collect();
     out.sort_by_key(|(anchor, _)| anchor.index());
     out
+}
+
+/// `add` = `x0 + x1` of a linear layer's input gradient and another gradient, each read only
+/// by `add`, of the same shape; the other is computed (not an input, a parameter or zeros).
+fn accumulated_grad_input(g: &Graph, add: NodeIndex, sole_reader: &dyn Fn(Value) -> Option<NodeIndex>) -> Option<(Fused, Vec<NodeIndex>)> {
+    let [a, b] = g.operands(add)[..] else { return None };
+    let is_grad_input = |v: Value| v.port == 0 && matches!(g.node(v.node).op, Op::LinearGradInput) && sole_reader(v) == Some(add);
+    let (gi, into) = if is_grad_input(a) { (a, b) } else if is_grad_input(b) { (b, a) } else { return None };
+    let computed = !matches!(g.node(into.node).op, Op::Input { .. } | Op::Param { .. } | Op::ZerosLike);
+    let shape = |v: Value| g.value_type(v).shape.resolve(&g.dims);
+    if gi.node == into.node || !computed || sole_reader(into) != Some(add) || shape(into) != shape(Value { node: add, port: 0 }) {
+        return None;
+    }
+    let [dy, weight] = g.operands(gi.node)[..] else { return None };
+    Some((Fused::AccumulatedGradInput { dy, weight, into, grad_input: gi.node }, vec![gi.node]))
 }
 
 /// `x0 + x1`, in either order.
@@ -283,5 +314,20 @@ mod tests {
         let plan = super::plan(&train, &train.execution_order().unwrap(), false, |_| true);
         assert_eq!(count(&plan, |f| matches!(f, Fused::PonderAggregate { .. })), 0);
         assert_closed(&train, &plan);
+        // Gradient sums with a linear layer's input gradient accumulate in its GEMM, into a
+        // computed gradient that only the sum reads.
+        let accumulated = count(&plan, |f| matches!(f, Fused::AccumulatedGradInput { .. }));
+        assert!(accumulated >= 4 * layers, "{accumulated} accumulated input gradients");
+        for (&anchor, f) in &plan.anchors {
+            if let Fused::AccumulatedGradInput { dy, weight, into, grad_input } = f {
+                assert_eq!(train.operands(*grad_input), vec![*dy, *weight]);
+                assert!(plan.absorbed.contains(grad_input));
+                assert_eq!(train.readers_of(*into), vec![anchor]);
+                assert!(train.operands(anchor).contains(into));
+            }
+        }
+        // Over bf16 storage too, where sum and addend are stored alike.
+        let bf16 = super::plan(&train, &train.execution_order().unwrap(), false, |_| false);
+        assert_eq!(count(&bf16, |f| matches!(f, Fused::AccumulatedGradInput { .. })), accumulated);
     }
 }

@@ -519,7 +519,9 @@ impl GpuProgram {
     /// Column-major C(m×n) = op(A)·op(B) with bf16 A and B and fp32 accumulation
     /// (cublasGemmEx); C is written as it is stored (f32 or bf16).
     #[allow(clippy::too_many_arguments)]
-    fn gemm_ex(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: u64, lda: usize, b: u64, ldb: usize, c: &mut DevTensor, ldc: usize) -> Result<(), CudaError> {
+    /// C = A·B + β·C with bf16 operands, f32 accumulation, C stored as it is.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_ex(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: u64, lda: usize, b: u64, ldb: usize, c: &mut DevTensor, ldc: usize, beta: f32) -> Result<(), CudaError> {
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
         let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
         let c_type = match c {
@@ -527,7 +529,7 @@ impl GpuProgram {
             _ => cudaDataType::CUDA_R_32F,
         };
         let cp = c.ptr(&self.gpu.stream);
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let alpha = 1.0f32;
         // SAFETY: the pointers address the matrices the dimensions and leading sizes describe.
         unsafe {
             cudarc::cublas::result::gemm_ex(
@@ -560,20 +562,33 @@ impl GpuProgram {
     /// activation X (operand 0, leading dimension `ldx`): bf16 GemmEx over the weight's bf16
     /// copy when there is one, fp32 cuBLAS otherwise.
     #[allow(clippy::too_many_arguments)]
-    fn weight_gemm(&self, n: NodeIndex, ins: &[&DevTensor], tw: bool, (mm, nn, kk): (usize, usize, usize), ldx: usize, out: &mut DevTensor, ldc: usize) -> Result<(), CudaError> {
+    #[allow(clippy::too_many_arguments)]
+    fn weight_gemm(&self, n: NodeIndex, ins: &[&DevTensor], tw: bool, (mm, nn, kk): (usize, usize, usize), ldx: usize, out: &mut DevTensor, ldc: usize, beta: f32) -> Result<(), CudaError> {
         let ldw = ins[1].shape()[1];
         if let Some(w) = self.weight_bf16(n) {
             let (xp, _keep) = self.bf16_operand(ins[0])?;
             let wp = { use cudarc::driver::DevicePtr; w.device_ptr(&self.gpu.stream).0 };
-            return self.gemm_ex(tw, false, mm, nn, kk, wp, ldw, xp, ldx, out, ldc);
+            return self.gemm_ex(tw, false, mm, nn, kk, wp, ldw, xp, ldx, out, ldc, beta);
         }
         let op = if tw { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-        let cfg = GemmConfig { transa: op, transb: cublasOperation_t::CUBLAS_OP_N, m: mm as i32, n: nn as i32, k: kk as i32, alpha: 1.0f32, lda: ldw as i32, ldb: ldx as i32, beta: 0.0f32, ldc: ldc as i32 };
+        let cfg = GemmConfig { transa: op, transb: cublasOperation_t::CUBLAS_OP_N, m: mm as i32, n: nn as i32, k: kk as i32, alpha: 1.0f32, lda: ldw as i32, ldb: ldx as i32, beta, ldc: ldc as i32 };
         let (Some(w), Some(x), DevTensor::F32 { data: d, .. }) = (ins[1].f32(), ins[0].f32(), out) else {
             return Err(CudaError::Unsupported("an fp32 GEMM reads and writes f32".into()));
         };
         // SAFETY: the buffers hold the matrices the dimensions and leading sizes describe.
         unsafe { self.gpu.blas.gemm(cfg, w, x, d) }.map_err(|e| CudaError::Driver(format!("cuBLAS: {e:?}")))
+    }
+
+    /// dx = dy·W of `linear_grad_input` node `n` (ins: dy, W), or dx += dy·W when
+    /// `accumulate` (dx then holds the other gradient contributions already).
+    fn linear_grad_input(&self, n: NodeIndex, ins: &[&DevTensor], dx: &mut DevTensor, accumulate: bool) -> Result<(), CudaError> {
+        let (o, i) = (ins[1].shape()[0], ins[1].shape()[1]);
+        let m = ins[0].shape().iter().product::<usize>() / o.max(1);
+        if m == 0 || o == 0 || i == 0 {
+            return if accumulate { Ok(()) } else { self.zero(dx) };
+        }
+        // Column-major dxᵀ(I×M) = w'(I×O)·dy'(O×M) (+ dxᵀ).
+        self.weight_gemm(n, ins, false, (i, m, o), o, dx, i, if accumulate { 1.0 } else { 0.0 })
     }
 
     /// The bf16 copy of the weight operand (slot 1) of a linear layer or its input gradient,
@@ -687,11 +702,21 @@ impl GpuProgram {
                 Op::Input { .. } => vec![fed.remove(&n).expect("inputs are bound")],
                 Op::Param { name } => vec![Slot::Param(self.params.get(name).ok_or_else(|| CudaError::Input(format!("parameter `{name}` was not uploaded")))?)],
                 _ => {
+                    // An accumulated input gradient adds into a buffer nothing else reads: it
+                    // leaves the values before the others are borrowed, and becomes the result.
+                    let mut into = match self.fusion.anchors.get(&n) {
+                        Some(Fused::AccumulatedGradInput { into, .. }) => match values.remove(into) {
+                            Some(Slot::Owned(t)) => Some((*into, t)),
+                            _ => return Err(CudaError::Unsupported(format!("`{}`: the gradient to accumulate into is not an owned buffer", node.name))),
+                        },
+                        _ => None,
+                    };
                     // A batched group's later weights are read before their param nodes' turn.
                     let ops: Vec<&DevTensor> = self
                         .fusion
                         .inputs_of(&self.graph, n)
                         .iter()
+                        .filter(|v| into.as_ref().is_none_or(|(i, _)| *i != **v))
                         .map(|v| match (values.get(v), &self.graph.node(v.node).op) {
                             (Some(slot), _) => Ok(slot.get()),
                             (None, Op::Param { name }) => self.params.get(name).ok_or_else(|| CudaError::Input(format!("parameter `{name}` was not uploaded"))),
@@ -699,14 +724,18 @@ impl GpuProgram {
                         })
                         .collect::<Result<_, _>>()?;
                     let start = self.profile.as_ref().map(|_| self.timing_event()).transpose()?;
-                    let out = self.exec(n, &ops, &shapes, &mut tapes).map_err(|e| match e {
+                    let out = match (&mut into, self.fusion.anchors.get(&n)) {
+                        (Some((_, acc)), Some(Fused::AccumulatedGradInput { grad_input, .. })) => self.linear_grad_input(*grad_input, &ops, acc, true).map(|_| Vec::new()),
+                        _ => self.exec(n, &ops, &shapes, &mut tapes),
+                    };
+                    let out = out.map_err(|e| match e {
                         CudaError::Driver(m) => CudaError::Driver(format!("{m} (at node `{}`)", node.name)),
                         e => e,
                     })?;
                     if let (Some(p), Some(start)) = (&self.profile, start) {
                         p.borrow_mut().push((n, start, self.timing_event()?));
                     }
-                    out.into_iter().map(Slot::Owned).collect()
+                    into.map(|(_, t)| t).into_iter().chain(out).map(Slot::Owned).collect()
                 }
             };
             let produced: Vec<Value> = match self.fusion.anchors.get(&n) {
@@ -1162,6 +1191,7 @@ impl GpuProgram {
                 unsafe { drv!(b.launch(cfg)) };
             }
             Fused::LinearGroup { members, .. } => return self.linear_group(members, ins, shape),
+            Fused::AccumulatedGradInput { .. } => return Err(CudaError::Unsupported("an accumulated input gradient runs in place, from `walk`".into())),
             Fused::CenteredResidual { .. } => {
                 let (rows, k, d) = ((shape[0] * shape[1]) as i64, shape[2] as i32, shape[3] as i32);
                 let DevTensor::F32 { data, .. } = &mut y else { return Err(CudaError::Unsupported("the residual stream is f32".into())) };
@@ -1240,7 +1270,7 @@ impl GpuProgram {
                 }
                 if m > 0 && o > 0 && i > 0 {
                     // Row-major y[M,O] = x[M,I]·w[O,I]ᵀ is column-major yᵀ(O×M) = op(W)(O×I)·X(I×M).
-                    self.weight_gemm(n, ins, true, (o, m, i), i, &mut y, o)?;
+                    self.weight_gemm(n, ins, true, (o, m, i), i, &mut y, o, 0.0)?;
                 } else {
                     self.zero(&mut y)?;
                 }
@@ -1423,15 +1453,8 @@ impl GpuProgram {
                 }
             }
             Op::LinearGradInput => {
-                let (o, i) = (ins[1].shape()[0], ins[1].shape()[1]);
-                let m = numel(ins[0].shape()) / o.max(1);
                 let mut dx = self.alloc_value(result(0), &shapes[0])?;
-                if m > 0 && o > 0 && i > 0 {
-                    // Column-major dxᵀ(I×M) = w'(I×O)·dy'(O×M).
-                    self.weight_gemm(n, ins, false, (i, m, o), o, &mut dx, i)?;
-                } else {
-                    self.zero(&mut dx)?;
-                }
+                self.linear_grad_input(n, ins, &mut dx, false)?;
                 return Ok(vec![dx]);
             }
             Op::LinearGradWeight => {
@@ -1444,7 +1467,7 @@ impl GpuProgram {
                     if self.precision == Precision::Bf16 {
                         let (dyp, _k1) = self.bf16_operand(ins[0])?;
                         let (xp, _k2) = self.bf16_operand(ins[1])?;
-                        self.gemm_ex(false, true, i, o, m, xp, i, dyp, o, &mut dw, i)?;
+                        self.gemm_ex(false, true, i, o, m, xp, i, dyp, o, &mut dw, i, 0.0)?;
                     } else {
                         let cfg = GemmConfig { transa: cublasOperation_t::CUBLAS_OP_N, transb: cublasOperation_t::CUBLAS_OP_T, m: i as i32, n: o as i32, k: m as i32, alpha: 1.0f32, lda: i as i32, ldb: o as i32, beta: 0.0f32, ldc: i as i32 };
                         let DevTensor::F32 { data: d, .. } = &mut dw else { unreachable!("allocated f32 above") };
