@@ -302,6 +302,8 @@ extern "C" __global__ void sp_rms_norm_grad(float* dx, float* dw_rows, const flo
     ROW_TEAM(row, rows)
     long long off = row * d;
     double ss = 0.0, gx = 0.0;
+    /* Unrolled, so that several loads of the row are in flight at once. */
+#pragma unroll 4
     for (int j = lane; j < d; j += team) {
         double xv = x[off + j];
         ss += xv * xv;
@@ -310,6 +312,7 @@ extern "C" __global__ void sp_rms_norm_grad(float* dx, float* dw_rows, const flo
     ss = sp_team_sum(ss);
     gx = sp_team_sum(gx);
     double r = 1.0 / sqrt(ss / d + eps);
+#pragma unroll 4
     for (int j = lane; j < d; j += team) {
         double xv = x[off + j];
         dx[off + j] = (float)(r * (double)dy[off + j] * (double)w[j] - xv * r * r * r * gx / d);
@@ -342,20 +345,25 @@ extern "C" __global__ void sp_ponder_weights_grad(float* out, const float* dlam,
     }
 }
 
+/* Grid (columns of d, rows): each thread reads dy once and writes its k frames (no 64-bit
+   division per element). */
 extern "C" __global__ void sp_frame_weighted_sum_grad_frames(float* dframes, const float* dy, const float* w, long long rows, int k, int d) {
-    GRID_STRIDE(i, rows * k * d) {
-        long long rk = i / d; int c = (int)(i % d); long long r = rk / k;
-        dframes[i] = dy[r * d + c] * w[rk];
-    }
+    for (long long r = blockIdx.y; r < rows; r += gridDim.y)
+        for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < d; c += gridDim.x * blockDim.x) {
+            const float g = dy[r * d + c];
+            for (int f = 0; f < k; ++f) dframes[(r * k + f) * d + c] = g * w[r * k + f];
+        }
 }
 
-/* One block per (row, frame): dw = sum_d dy * frame. */
-extern "C" __global__ void sp_frame_weighted_sum_grad_weights(float* dw, const float* dy, const float* frames, int k, int d) {
-    long long rk = blockIdx.x; long long r = rk / k;
+/* A team per (row, frame) (ROW_TEAM): dw = sum_d dy * frame. */
+extern "C" __global__ void sp_frame_weighted_sum_grad_weights(float* dw, const float* dy, const float* frames, long long rks, int k, int d) {
+    ROW_TEAM(rk, rks)
+    const long long r = rk / k;
     double acc = 0.0;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) acc += (double)dy[r * d + j] * (double)frames[rk * d + j];
-    acc = sp_block_sum(acc);
-    if (threadIdx.x == 0) dw[rk] = (float)acc;
+#pragma unroll 4
+    for (int j = lane; j < d; j += team) acc += (double)dy[r * d + j] * (double)frames[rk * d + j];
+    acc = sp_team_sum(acc);
+    if (lane == 0) dw[rk] = (float)acc;
 }
 
 /* One block per row: (softmax - onehot) * dce. */

@@ -229,6 +229,12 @@ fn row_teams(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 }
 }
 
+/// Blocks over (columns of `d`, rows) for the kernels that write a row's k frames from one
+/// read (repeat_frames and the frame-weighted sum's frame gradient).
+fn repeat_grid(rows: usize, d: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (d.max(1).div_ceil(256) as u32, rows.clamp(1, 65_535) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 fn rows(rows: usize, width: usize) -> LaunchConfig {
     let threads = width.next_power_of_two().clamp(32, 256) as u32;
     LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
@@ -1245,8 +1251,7 @@ impl GpuProgram {
             Op::RepeatFrames { .. } => {
                 let s = &shapes[0];
                 let (rows, k, d) = ((s[0] * s[1]) as i64, s[2] as i32, s[3] as i32);
-                let cfg = LaunchConfig { grid_dim: ((d.max(1) as usize).div_ceil(256) as u32, (rows as usize).clamp(1, 65_535) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-                launch!(self.f("sp_repeat_frames"), cfg, &mut out, fl(0)?, &rows, &k, &d);
+                launch!(self.f("sp_repeat_frames"), repeat_grid(rows as usize, d as usize), &mut out, fl(0)?, &rows, &k, &d);
             }
             Op::MeanFrames => {
                 let s = ins[0].shape();
@@ -1614,8 +1619,9 @@ impl GpuProgram {
                 let s = ins[1].shape();
                 let (r, k, d) = ((s[0] * s[1]) as i64, s[2] as i32, s[3] as i32);
                 let mut dw = self.alloc(numel(&shapes[1]))?;
-                launch!(self.f("sp_frame_weighted_sum_grad_frames"), grid(out_n), &mut out, fl(0)?, fl(2)?, &r, &k, &d);
-                launch!(self.f("sp_frame_weighted_sum_grad_weights"), rows(r as usize * k as usize, d as usize), &mut dw, fl(0)?, fl(1)?, &k, &d);
+                launch!(self.f("sp_frame_weighted_sum_grad_frames"), repeat_grid(r as usize, d as usize), &mut out, fl(0)?, fl(2)?, &r, &k, &d);
+                let rks = r * k as i64;
+                launch!(self.f("sp_frame_weighted_sum_grad_weights"), row_teams(rks as usize), &mut dw, fl(0)?, fl(1)?, &rks, &k, &d);
                 return Ok(vec![wrap(out, &shapes[0]), wrap(dw, &shapes[1])]);
             }
             Op::CrossEntropyGrad { ignore_index } => {
