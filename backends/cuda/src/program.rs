@@ -120,6 +120,22 @@ impl Slot<'_> {
     }
 }
 
+/// A graph output as [`GpuProgram::walk`] hands it over: its buffer, when nothing in the graph
+/// reads it any more (a gradient emitted as soon as it is made), or a view.
+pub(crate) enum Emitted<'x> {
+    Owned(DevTensor),
+    Borrowed(&'x DevTensor),
+}
+
+impl Emitted<'_> {
+    pub(crate) fn get(&self) -> &DevTensor {
+        match self {
+            Emitted::Owned(t) => t,
+            Emitted::Borrowed(t) => t,
+        }
+    }
+}
+
 /// Arithmetic of the linear layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
@@ -642,7 +658,7 @@ impl GpuProgram {
         let (env, fed) = self.upload_inputs(inputs)?;
         let mut out = BTreeMap::new();
         self.walk(&env, fed, &mut |name, t| {
-            out.insert(name.to_string(), self.download(t)?);
+            out.insert(name.to_string(), self.download(t.get())?);
             Ok(())
         })?;
         Ok(out)
@@ -692,7 +708,7 @@ impl GpuProgram {
 
     /// Execute every node in order over device inputs `fed`; each graph output is handed to
     /// `emit` at the end. Intermediates are freed at their last use.
-    pub(crate) fn walk<'a>(&'a self, env: &DimBindings, mut fed: HashMap<NodeIndex, Slot<'a>>, emit: &mut dyn FnMut(&str, &DevTensor) -> Result<(), CudaError>) -> Result<(), CudaError> {
+    pub(crate) fn walk<'a>(&'a self, env: &DimBindings, mut fed: HashMap<NodeIndex, Slot<'a>>, emit: &mut dyn FnMut(&str, Emitted<'_>) -> Result<(), CudaError>) -> Result<(), CudaError> {
         let mut values: HashMap<Value, Slot> = HashMap::new();
         let mut tapes = Tapes::new();
         for (pos, &n) in self.order.iter().enumerate() {
@@ -749,11 +765,19 @@ impl GpuProgram {
                 None => (0..results.len() as u32).map(|port| Value { node: n, port }).collect(),
             };
             for (v, t) in produced.into_iter().zip(results) {
-                if let Some(name) = self.early_outputs.get(&v) {
-                    emit(name, t.get())?;
-                }
-                if self.last_use.contains_key(&v) {
-                    values.insert(v, t);
+                let kept = self.last_use.contains_key(&v);
+                match (self.early_outputs.get(&v), t) {
+                    (Some(name), Slot::Owned(t)) if !kept => emit(name, Emitted::Owned(t))?,
+                    (Some(name), t) => {
+                        emit(name, Emitted::Borrowed(t.get()))?;
+                        if kept {
+                            values.insert(v, t);
+                        }
+                    }
+                    (None, t) if kept => {
+                        values.insert(v, t);
+                    }
+                    (None, _) => {}
                 }
             }
             for v in self.fusion.inputs_of(&self.graph, n) {
@@ -764,7 +788,7 @@ impl GpuProgram {
         }
         for (name, v) in &self.graph.outputs {
             if !self.early_outputs.contains_key(v) {
-                emit(name, values[v].get())?;
+                emit(name, Emitted::Borrowed(values[v].get()))?;
             }
         }
         Ok(())
@@ -933,6 +957,7 @@ impl GpuProgram {
                 fed.insert(n, slot);
             }
             self.walk(&env, fed, &mut |name, t| {
+                let t = t.get();
                 // New state over the old (every read of the old one is done by now); other
                 // outputs to their buffers (captured) or to the host.
                 if self.written_in_place.borrow().contains(name) {
