@@ -1571,58 +1571,49 @@ impl GpuProgram {
                     return Err(bad(&format!("operand {i} must be floating point")));
                 }
                 let (bi, si, ki, ci) = (bsz as i32, steps as i32, s[2] as i32, c as i32);
-                if let Some((summary, adjoint)) = segments {
-                    let mut seg_a = self.alloc_uninit(nseg * cols)?;
-                    let mut seg_b = self.alloc_uninit(nseg * cols)?;
-                    let cfg = LaunchConfig { grid_dim: (cols.div_ceil(128) as u32, nseg as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-                    let nseg_i = nseg as i32;
-                    let mut b = st.launch_builder(self.f(summary));
-                    ins.iter().take(lead).for_each(|t| t.push(&mut b));
-                    for x in ck.iter_mut() {
-                        b.arg(x);
+                // The segmented pair first composes each segment's carry transform (seg_a, seg_b);
+                // its adjoint kernel takes those where the others take `have_ck`.
+                let nseg_i = nseg as i32;
+                let (kernel, cfg, summaries) = match segments {
+                    Some((summary, adjoint)) => {
+                        let mut seg_a = self.alloc_uninit(nseg * cols)?;
+                        let mut seg_b = self.alloc_uninit(nseg * cols)?;
+                        let cfg = LaunchConfig { grid_dim: (cols.div_ceil(128) as u32, nseg as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                        let mut b = st.launch_builder(self.f(summary));
+                        ins.iter().take(lead).for_each(|t| t.push(&mut b));
+                        for x in ck.iter_mut() {
+                            b.arg(x);
+                        }
+                        b.arg(&mut seg_a).arg(&mut seg_b).arg(&nseg_i).arg(&bi).arg(&si).arg(&ki).arg(&ci);
+                        // SAFETY: the summary kernel's parameters are exactly these buffers and sizes.
+                        unsafe { drv!(b.launch(cfg)) };
+                        drop(b);
+                        (adjoint, cfg, Some((seg_a, seg_b)))
                     }
-                    b.arg(&mut seg_a).arg(&mut seg_b).arg(&nseg_i).arg(&bi).arg(&si).arg(&ki).arg(&ci);
-                    // SAFETY: the summary kernel's parameters are exactly these buffers and sizes.
-                    unsafe { drv!(b.launch(cfg)) };
-                    drop(b);
-                    let mut b = st.launch_builder(self.f(adjoint));
-                    ins.iter().take(lead).for_each(|t| t.push(&mut b));
-                    for x in ck.iter_mut() {
-                        b.arg(x);
-                    }
-                    b.arg(&seg_a).arg(&seg_b).arg(&nseg_i);
-                    for x in din.iter_mut() {
-                        x.push_mut(&mut b);
-                    }
-                    for x in dp_rows.iter_mut().chain(dinit.iter_mut()) {
-                        b.arg(x);
-                    }
-                    b.arg(&bi).arg(&si).arg(&ki).arg(&ci);
-                    // SAFETY: the segmented kernel's parameters are exactly these buffers and sizes.
-                    unsafe { drv!(b.launch(cfg)) };
-                    drop(b);
-                } else {
-                    let (kernel, cfg) = match self.narrow.get(&n) {
-                        Some((plan, k)) if scan_codegen::prefer_narrow(cols, self.gpu.sms) => (k, self.tiled_launch(plan, cols)),
-                        _ => (&self.kernel_of[&n], self.scan_launch(n, bsz, c)?),
-                    };
-                    let mut b = st.launch_builder(self.f(kernel));
-                    ins.iter().take(lead).for_each(|t| t.push(&mut b));
-                    for x in ck.iter_mut() {
-                        b.arg(x);
-                    }
-                    b.arg(&have_ck);
-                    for x in din.iter_mut() {
-                        x.push_mut(&mut b);
-                    }
-                    for x in dp_rows.iter_mut().chain(dinit.iter_mut()) {
-                        b.arg(x);
-                    }
-                    b.arg(&bi).arg(&si).arg(&ki).arg(&ci);
-                    // SAFETY: the generated kernel's parameters are exactly these buffers and sizes.
-                    unsafe { drv!(b.launch(cfg)) };
-                    drop(b);
+                    None => match self.narrow.get(&n) {
+                        Some((plan, k)) if scan_codegen::prefer_narrow(cols, self.gpu.sms) => (k, self.tiled_launch(plan, cols), None),
+                        _ => (&self.kernel_of[&n], self.scan_launch(n, bsz, c)?, None),
+                    },
+                };
+                let mut b = st.launch_builder(self.f(kernel));
+                ins.iter().take(lead).for_each(|t| t.push(&mut b));
+                for x in ck.iter_mut() {
+                    b.arg(x);
                 }
+                match &summaries {
+                    Some((seg_a, seg_b)) => b.arg(seg_a).arg(seg_b).arg(&nseg_i),
+                    None => b.arg(&have_ck),
+                };
+                for x in din.iter_mut() {
+                    x.push_mut(&mut b);
+                }
+                for x in dp_rows.iter_mut().chain(dinit.iter_mut()) {
+                    b.arg(x);
+                }
+                b.arg(&bi).arg(&si).arg(&ki).arg(&ci);
+                // SAFETY: the generated kernel's parameters are exactly these buffers and sizes.
+                unsafe { drv!(b.launch(cfg)) };
+                drop(b);
                 drop(ck);
                 let mut res = din;
                 for (j, rows_) in dp_rows.iter().enumerate() {
