@@ -861,7 +861,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     };
     // Three stages run at once on three tiles: the chain on tile `it`, the parallel part of
     // tile it+1 (the other workers), and the forward recompute of tile it+2 from its
-    // checkpoint (the first four worker warps, one thread per channel). Tiles are independent
+    // checkpoint (the first `t` worker threads, one per channel). Tiles are independent
     // given their checkpoints, so the sequential recompute is off the chain's critical path.
     let head = |s: &mut String| {
         let _ = writeln!(s, "      if (it < ntiles) {{");
