@@ -159,4 +159,7 @@ fn bad_corpora_and_configs_are_refused_clearly() {
 
     // Resume with nothing to resume.
     failed(&train(&run.join("f"), &["--resume"]), "no checkpoint");
+
+    // Recompute settings for a backend that does not recompute.
+    failed(&train(&run.join("g"), &["--kept-layers", "2"]), "--kept-layers applies to --backend cuda");
 }

@@ -292,6 +292,9 @@ pub fn compensation_hook(cfg: &sparkc_frontend::NeuronSparkConfig, c_max: f64) -
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.kept_layers > 0 && a.backend != "cuda" {
+        anyhow::bail!("--kept-layers applies to --backend cuda (the {} backend keeps every layer's activations anyway)", a.backend);
+    }
     let (file, tcfg) = resolve(&a)?;
     let cfg = load_config(file.model.as_deref().unwrap_or("tiny"), None)?;
     let (tokens, origin) = load_tokens(&file, &a, cfg.vocab_size)?;
