@@ -727,8 +727,8 @@ impl GpuProgram {
                     // An accumulated input gradient adds into a buffer nothing else reads: it
                     // leaves the values before the others are borrowed, and becomes the result.
                     let mut into = match self.fusion.anchors.get(&n) {
-                        Some(Fused::AccumulatedGradInput { into, .. }) => match values.remove(into) {
-                            Some(Slot::Owned(t)) => Some((*into, t)),
+                        Some(Fused::AccumulatedGradInput { into, grad_input, .. }) => match values.remove(into) {
+                            Some(Slot::Owned(t)) => Some((*into, *grad_input, t)),
                             _ => return Err(CudaError::Unsupported(format!("`{}`: the gradient to accumulate into is not an owned buffer", node.name))),
                         },
                         _ => None,
@@ -738,7 +738,7 @@ impl GpuProgram {
                         .fusion
                         .inputs_of(&self.graph, n)
                         .iter()
-                        .filter(|v| into.as_ref().is_none_or(|(i, _)| *i != **v))
+                        .filter(|v| into.as_ref().is_none_or(|(i, _, _)| *i != **v))
                         .map(|v| match (values.get(v), &self.graph.node(v.node).op) {
                             (Some(slot), _) => Ok(slot.get()),
                             (None, Op::Param { name }) => self.params.get(name).ok_or_else(|| CudaError::Input(format!("parameter `{name}` was not uploaded"))),
@@ -746,9 +746,9 @@ impl GpuProgram {
                         })
                         .collect::<Result<_, _>>()?;
                     let start = self.profile.as_ref().map(|_| self.timing_event()).transpose()?;
-                    let out = match (&mut into, self.fusion.anchors.get(&n)) {
-                        (Some((_, acc)), Some(Fused::AccumulatedGradInput { grad_input, .. })) => self.linear_grad_input(*grad_input, &ops, acc, true).map(|_| Vec::new()),
-                        _ => self.exec(n, &ops, &shapes, &mut tapes),
+                    let out = match &mut into {
+                        Some((_, grad_input, acc)) => self.linear_grad_input(*grad_input, &ops, acc, true).map(|_| Vec::new()),
+                        None => self.exec(n, &ops, &shapes, &mut tapes),
                     };
                     let out = out.map_err(|e| match e {
                         CudaError::Driver(m) => CudaError::Driver(format!("{m} (at node `{}`)", node.name)),
@@ -757,7 +757,7 @@ impl GpuProgram {
                     if let (Some(p), Some(start)) = (&self.profile, start) {
                         p.borrow_mut().push((n, start, self.timing_event()?));
                     }
-                    into.map(|(_, t)| t).into_iter().chain(out).map(Slot::Owned).collect()
+                    into.map(|(_, _, t)| t).into_iter().chain(out).map(Slot::Owned).collect()
                 }
             };
             let produced: Vec<Value> = match self.fusion.anchors.get(&n) {

@@ -37,11 +37,14 @@ pub fn segments(s: usize) -> usize {
 /// 14,336 columns 2.7 / 1.8 ms. `SPARKC_SEGMENTED_REVERSE` = `always` or `never` overrides
 /// the choice, for tuning and tests.
 pub fn prefer_segments(cols: usize, sms: usize) -> bool {
-    match std::env::var("SPARKC_SEGMENTED_REVERSE").as_deref() {
-        Ok("always") => true,
-        Ok("never") => false,
-        _ => 4 * cols.div_ceil(crate::scan_codegen::TILE_THREADS) <= sms,
-    }
+    // Read once: this runs at every reverse-scan launch.
+    static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let forced = FORCED.get_or_init(|| match std::env::var("SPARKC_SEGMENTED_REVERSE").as_deref() {
+        Ok("always") => Some(true),
+        Ok("never") => Some(false),
+        _ => None,
+    });
+    forced.unwrap_or(4 * cols.div_ceil(crate::scan_codegen::TILE_THREADS) <= sms)
 }
 
 /// The two kernels' sources (see the module documentation).
