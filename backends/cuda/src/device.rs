@@ -189,7 +189,7 @@ impl Gpu {
     /// [`Gpu::load`]; `fast` compiles with fast math (approximate exp/log/division, fused
     /// multiply-add, denormals flushed) for bf16 programs, whose storage rounds far more.
     pub fn load_with(&self, src: &str, fast: bool) -> Result<Arc<CudaModule>, CudaError> {
-        let opts_key = if fast { "fast-math" } else { "fmad=false" };
+        let opts_key = if fast { "use_fast_math" } else { "fmad=false" };
         let fast_src;
         let src = if fast {
             fast_src = format!("#define SP_FAST 1\n{src}");
@@ -204,7 +204,9 @@ impl Gpu {
             Ok(text) => Ptx::from_src(text),
             Err(_) => {
                 let opts = if fast {
-                    CompileOptions { use_fast_math: Some(true), fmad: Some(true), arch: Some(self.arch), ..Default::default() }
+                    // cudarc's `use_fast_math` only turns on `--fmad`; the flag itself also
+                    // flushes denormals and approximates division and square roots.
+                    CompileOptions { fmad: Some(true), arch: Some(self.arch), options: vec!["--use_fast_math".into()], ..Default::default() }
                 } else {
                     CompileOptions { fmad: Some(false), arch: Some(self.arch), ..Default::default() }
                 };

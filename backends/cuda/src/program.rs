@@ -1591,7 +1591,7 @@ impl GpuProgram {
                         (adjoint, cfg, Some((seg_a, seg_b)))
                     }
                     None => match self.narrow.get(&n) {
-                        Some((plan, k)) if scan_codegen::prefer_narrow(cols, self.gpu.sms) => (k, self.tiled_launch(plan, cols), None),
+                        Some((plan, k)) if scan_codegen::prefer_narrow_reverse(cols, self.gpu.sms) => (k, self.tiled_launch(plan, cols), None),
                         _ => (&self.kernel_of[&n], self.scan_launch(n, bsz, c)?, None),
                     },
                 };

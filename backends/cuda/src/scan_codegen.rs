@@ -125,6 +125,17 @@ pub fn prefer_narrow(cols: usize, sms: usize) -> bool {
     cols.div_ceil(NARROW_CHANNELS) <= sms
 }
 
+/// Whether a reverse scan over `cols` columns runs in 64-channel blocks: by the forward's rule
+/// unless `SPARKC_REVERSE_CHANNELS` (64 or 128, read once) says otherwise, for tuning.
+pub fn prefer_narrow_reverse(cols: usize, sms: usize) -> bool {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    match FORCED.get_or_init(|| std::env::var("SPARKC_REVERSE_CHANNELS").ok().and_then(|v| v.parse().ok())) {
+        Some(64) => true,
+        Some(128) => false,
+        _ => prefer_narrow(cols, sms),
+    }
+}
+
 /// A plan with 64-channel blocks (512 threads) for a forward scan with prologue math, when
 /// the channels allow it: a batch too small to give every SM a 128-channel block (prefill at
 /// B=1 has 56 blocks for 132 SMs) spreads the prologue over twice as many SMs.
@@ -701,16 +712,19 @@ pub(crate) fn reverse_chunks(model: &NeuronModel, emit: &[String], token_scope: 
     s
 }
 
-/// The reverse-scan step split like [`split_step`]: the bindings that do not depend on the
-/// carried state adjoint (`a_*`) — the recomputed forward step, the surrogate, the local
-/// derivatives, the terms of the incoming output gradients — are computed for a whole tile by
-/// the worker warps; the chain warps evaluate only the rest (a few multiply-adds per step).
+/// The reverse-scan step split like [`split_step`]: `chain` is only what carries the state
+/// adjoint (`a_*`) back, a multiply-add or two per step, with its carry-independent
+/// subexpressions moved to `parallel` (the recomputed forward step, σ(·), the terms of the
+/// output gradients). The input and parameter gradients need the carried adjoint but not each
+/// other, so the tiled kernel evaluates them for a whole tile in parallel once the chain has
+/// passed it ([`epilogue_bindings`]); the time-parallel kernel composes `chain` as an affine map.
 #[derive(Clone, Debug)]
 pub struct AdjointSplit {
     pub step: sparkc_ir::adjoint::AdjointStep,
     pub parallel: Vec<(String, Expr)>,
     pub chain: Vec<(String, Expr)>,
-    /// Names the chain reads from shared memory (parallel bindings, inputs, state, gradients).
+    /// What the chain reads that does not depend on the carried adjoint (parallel bindings,
+    /// inputs, state, output gradients).
     pub staged: Vec<String>,
 }
 
@@ -734,8 +748,11 @@ pub fn split_adjoint(model: &NeuronModel, emit: &[String]) -> Result<AdjointSpli
     for (_, e) in chain.iter_mut() {
         *e = hoist(e, &dependent, &taken, &mut parallel, &mut hoisted);
     }
+    // The chain carries only the state adjoint; the input and parameter gradients are
+    // computed afterwards for a whole tile in parallel (`epilogue_bindings`).
+    let chain = closure(&chain, &step.state_grads);
     let mut needed: std::collections::BTreeSet<String> = chain.iter().flat_map(|(_, e)| e.vars()).collect();
-    needed.extend(step.input_grads.iter().chain(&step.param_grads).chain(&step.state_grads).cloned());
+    needed.extend(step.state_grads.iter().cloned());
     let known: std::collections::BTreeSet<&String> = parallel.iter().map(|(n, _)| n).collect();
     let mut staged: Vec<String> = Vec::new();
     let candidates = model.inputs.iter().cloned()
@@ -748,6 +765,27 @@ pub fn split_adjoint(model: &NeuronModel, emit: &[String]) -> Result<AdjointSpli
         }
     }
     Ok(AdjointSplit { step, parallel, chain, staged })
+}
+
+/// The bindings of `bindings` (in order) that `roots` need, directly or through one another.
+fn closure(bindings: &[(String, Expr)], roots: &[String]) -> Vec<(String, Expr)> {
+    let mut needed: std::collections::BTreeSet<String> = roots.iter().cloned().collect();
+    let mut kept = Vec::new();
+    for (n, e) in bindings.iter().rev() {
+        if needed.contains(n) {
+            needed.extend(e.vars());
+            kept.push((n.clone(), e.clone()));
+        }
+    }
+    kept.reverse();
+    kept
+}
+
+/// What the reverse scan's epilogue evaluates for each element once the carried state adjoint
+/// of its step is known: the bindings the input and parameter gradients need.
+pub fn epilogue_bindings(step: &sparkc_ir::adjoint::AdjointStep) -> Vec<(String, Expr)> {
+    let roots: Vec<String> = step.input_grads.iter().chain(&step.param_grads).cloned().collect();
+    closure(&step.bindings, &roots)
 }
 
 /// `e` with each largest subexpression that reads none of `dependent` (and is more than a
@@ -768,64 +806,93 @@ fn hoist(e: &Expr, dependent: &std::collections::BTreeSet<String>, taken: &std::
     }
 }
 
-/// Raw-input stages of the reverse scan: tile `it + stages - 2` must have landed when tile `it`
-/// is carried, so deeper pipelines hide more of the memory latency.
+/// Raw-input stages of the reverse scan. A tile's raw stage lives from its copy to its
+/// epilogue, three iterations (recompute, chain, epilogue) plus the copies in flight, so
+/// `stages - 3` tiles are in flight; more hide more of the memory latency.
 fn adjoint_stages(raw_tile_bytes: usize) -> usize {
-    (64 * 1024 / raw_tile_bytes.max(1)).clamp(4, 12)
+    (96 * 1024 / raw_tile_bytes.max(1)).clamp(5, 12)
+}
+
+/// Shared memory of the tiled reverse scan besides its raw stages: the recomputed states
+/// (three tiles live: recompute, chain, epilogue) and the carried adjoints (two).
+fn adjoint_work_bytes(states: usize, channels: usize) -> usize {
+    5 * states * TILE_STEPS * channels * 4
 }
 
 /// The tiled reverse scan's plan with blocks of `channels` channels (one chain thread each;
 /// [`TILE_THREADS`] or [`NARROW_CHANNELS`]) for `c` channels, or None when it does not apply
 /// (the per-column kernel runs instead). Tiles are one checkpoint chunk; each raw stage also
-/// holds the tile's checkpoints. `SPARKC_ADJOINT_STAGES` overrides the stages, for tuning.
+/// holds the tile's checkpoints. Stages are cut to what fits, down to four (one tile in
+/// flight). `SPARKC_ADJOINT_STAGES` overrides them, for tuning.
 pub fn adjoint_tile_plan(model: &NeuronModel, emit: &[String], inputs: &[Elem], out_grads: &[Elem], c: usize, channels: usize, max_smem: usize) -> Option<TilePlan> {
-    let split = split_adjoint(model, emit).ok()?;
+    split_adjoint(model, emit).ok()?;
     let raw_row: usize = inputs.iter().chain(out_grads).map(|e| e.bytes() * channels).sum();
-    let forced = std::env::var("SPARKC_ADJOINT_STAGES").ok().and_then(|v| v.parse::<usize>().ok()).filter(|s| (3..=16).contains(s));
-    let stages = forced.unwrap_or_else(|| adjoint_stages(TILE_STEPS * raw_row));
     let raw_stage = TILE_STEPS * raw_row + model.state.len() * channels * 4;
-    let bytes = stages * raw_stage + 2 * model.state.len() * TILE_STEPS * channels * 4 + 2 * split.staged.len().max(1) * TILE_STEPS * channels * 4;
-    (c.is_multiple_of(channels) && bytes <= max_smem).then_some(TilePlan { steps: TILE_STEPS, stages, smem_bytes: bytes, channels })
+    let work = adjoint_work_bytes(model.state.len(), channels);
+    let forced = std::env::var("SPARKC_ADJOINT_STAGES").ok().and_then(|v| v.parse::<usize>().ok()).filter(|s| (4..=16).contains(s));
+    let wanted = forced.unwrap_or_else(|| adjoint_stages(TILE_STEPS * raw_row));
+    let stages = (4..=wanted).rev().find(|s| s * raw_stage + work <= max_smem)?;
+    let bytes = stages * raw_stage + work;
+    c.is_multiple_of(channels).then_some(TilePlan { steps: TILE_STEPS, stages, smem_bytes: bytes, channels })
 }
 
 /// The reverse scan for widths that are multiples of `plan.channels`, warp-specialised like
-/// [`scan_forward_tiled`] and walking the tiles from the last: for the next tile, the worker
-/// warps bring in inputs and output gradients (`cp.async`), re-run the forward over the tile
-/// from its checkpoint (one thread per channel) and evaluate every state-adjoint-independent
-/// binding in parallel; the chain warps carry the state adjoint back through the current tile
-/// and write the input gradients. Same signature as [`scan_adjoint_chunked`]; tiles are the
-/// 16-step checkpoint chunks, so it needs the forward's checkpoints (without them the chain
-/// threads first run the forward to make them).
+/// [`scan_forward_tiled`] and walking the tiles from the last. Each iteration runs four
+/// pieces on four tiles at once, one barrier apart:
+/// - copies (`cp.async`) of the inputs, output gradients and checkpoints of a tile ahead;
+/// - the forward recompute of tile it+1 from its checkpoint (one worker thread per channel);
+/// - the chain on tile it: only the state adjoint (a multiply-add or two per step, and the
+///   state-adjoint-independent values it reads), each step's incoming adjoint kept in shared
+///   memory;
+/// - the epilogue of tile it-1 (the other workers): every input and parameter gradient, all
+///   elements in parallel, now that their adjoints are known.
+///
+/// The chain is the only sequential part and carries no more than it must: the kernel is
+/// bound by instruction issue, and a chain instruction is paid once per step by a single warp
+/// per scheduler. Same signature as [`scan_adjoint_chunked`]; tiles are the 16-step checkpoint
+/// chunks, so it needs the forward's checkpoints (without them the chain threads first run the
+/// forward to make them).
 #[allow(clippy::too_many_arguments)]
 pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], token_scope: bool, inputs: &[Elem], out_grads: &[Elem], in_grads: &[Elem], plan: TilePlan) -> Result<String, String> {
     let per_column = scan_adjoint_chunked(name, model, emit, token_scope, inputs, out_grads, in_grads)?;
     let split = split_adjoint(model, emit)?;
+    let epilogue = epilogue_bindings(&split.step);
     let (l, ns, t) = (plan.steps, plan.stages, plan.channels);
     let (block, pt) = (plan.block_threads(), plan.block_threads() - plan.channels);
     if l != TILE_STEPS {
         return Err(format!("the reverse scan's tiles are one checkpoint chunk ({TILE_STEPS} steps), not {l}"));
     }
+    if ns < 4 {
+        return Err(format!("the tiled reverse scan needs at least 4 raw stages, not {ns}"));
+    }
+    // Tiles whose copies are in flight while the tile it+1 is recomputed.
+    let lead = ns - 3;
     let id = |n: &str| ident(n);
+    let nst = model.state.len();
     // Raw per-step tensors: inputs, then output gradients.
     let mut raw: Vec<(String, Elem)> = model.inputs.iter().map(|n| format!("in_{}", id(n))).zip(inputs.iter().copied()).collect();
     raw.extend((0..emit.len()).map(|k| format!("g_{k}")).zip(out_grads.iter().copied()));
     let raw_names: Vec<String> = model.inputs.iter().map(|n| id(n)).chain(emit.iter().map(|o| id(&output_grad_name(o)))).collect();
     let (streamed, raw_rows) = stream_layout(&raw, l, t);
     // Each stage ends with the tile's checkpoints (one row of t floats per state).
-    let raw_stage = raw_rows + model.state.len() * t * 4;
-    // Bindings of parameters only (β = σ(w)) are per-channel constants: the workers compute
-    // them once per tile and the chain once, instead of staging them per element.
+    let raw_stage = raw_rows + nst * t * 4;
+    // Bindings of parameters only (β = σ(w)) are per-channel constants: computed once per
+    // thread, not per element.
     let mut per_channel: std::collections::BTreeSet<String> = model.params.iter().cloned().collect();
-    for (n, e) in &split.parallel {
+    for (n, e) in split.parallel.iter().chain(&epilogue) {
         if e.vars().iter().all(|v| per_channel.contains(v)) {
             per_channel.insert(n.clone());
         }
     }
     let staged: Vec<String> = split.staged.iter().filter(|n| !per_channel.contains(*n)).cloned().collect();
+    // Shared memory: raw stages, recomputed states (3 tiles), carried adjoints (2).
+    let tile_floats = l * t;
     let sv_base = ns * raw_stage;
-    let sv_stage = model.state.len() * l * t * 4;
-    let st_base = sv_base + 2 * sv_stage;
-    let st_stage = staged.len().max(1) * l * t * 4;
+    let sv_stage = nst * tile_floats * 4;
+    let sa_base = sv_base + 3 * sv_stage;
+    if sa_base + 2 * sv_stage > plan.smem_bytes {
+        return Err(format!("the tiled reverse scan of `{}` does not fit its plan's shared memory", model.name));
+    }
     // The per-column kernel's signature, with the launch bounds of a tiled block.
     let sig_end = per_column.find(") {").ok_or("unexpected kernel text")?;
     // Narrow blocks ask for two per SM, so that registers do not hold them to one.
@@ -847,192 +914,239 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     }
     s.push_str(&checkpoint_pass(model, token_scope));
     let _ = writeln!(s, "  }}\n  __syncthreads();");
-    // Worker pieces: copies of iteration `it`'s tile, then its recompute and parallel part.
-    // The checkpoints travel with the tile, so the recompute does not wait on a global load.
-    let mut ck_copy = String::new();
-    for (k, st) in model.state.iter().enumerate() {
-        let _ = writeln!(ck_copy, "        for (int q = pt; q < {}; q += {pt}) sp_cp16(stg + {} + q * 16, (const unsigned char*)(ck_{} + ((long long)b * nck + tl) * C + c0) + q * 16);", t * 4 / 16, raw_rows + k * t * 4, id(&st.name));
+    // Each thread's channel and, for the workers past the first `t`, its rows of a tile.
+    let workers = pt - t;
+    debug_assert!(workers % t == 0);
+    let _ = writeln!(s, "  const int ch = chain ? tid : (pt < {t} ? pt : (pt - {t}) % {t}), c = c0 + ch;");
+    let _ = writeln!(s, "  const int row0 = pt < {t} ? 0 : (pt - {t}) / {t};");
+    for n in &model.params {
+        let _ = writeln!(s, "  const float {} = p_{}[c];", id(n), id(n));
     }
-    let issue = issue_copies(&streamed, "it", "        const int tl = ntiles - 1 - it;\n", "tl", ns, l, raw_stage, pt, &ck_copy);
-    let load_raw = |s: &mut String, indent: &str, j: &str, ch: &str| {
+    let mut defined: std::collections::BTreeSet<&String> = model.params.iter().collect();
+    for (n, e) in split.parallel.iter().chain(&epilogue).filter(|(n, _)| per_channel.contains(n)) {
+        if defined.insert(n) {
+            let _ = writeln!(s, "  const float {} = {};", id(n), expr(e, &|v| id(v)));
+        }
+    }
+    // Copies of tile `cx` (recomputed at iteration cx - 1, its epilogue at cx + 1): one loop
+    // over the 16-byte chunks of all its tensors and checkpoints, each worker taking every
+    // pt-th chunk (the tensor of a chunk is known from its index).
+    let mut chunks: Vec<(String, usize, usize, bool)> = streamed.iter().map(|x| (x.ptr.clone(), x.row_bytes / 16, x.offset, true)).collect();
+    chunks.extend(model.state.iter().enumerate().map(|(k, st)| (format!("ck_{}", id(&st.name)), t * 4 / 16, raw_rows + k * t * 4, false)));
+    let mut issue = String::new();
+    let _ = writeln!(issue, "      if (cx < ntiles) {{");
+    let _ = writeln!(issue, "        const int tl = ntiles - 1 - cx;\n        const int s0 = tl * {l};");
+    let _ = writeln!(issue, "        unsigned char* stg = sp_smem + (cx % {ns}) * {raw_stage};");
+    let mut first = 0;
+    let mut arms = Vec::new();
+    for (ptr, per_row, offset, per_step) in &chunks {
+        let count = if *per_step { l * per_row } else { *per_row };
+        let copy = if *per_step {
+            format!("{{ const int r = q / {per_row}, k = q % {per_row}; if (s0 + r < S) sp_cp16(stg + {offset} + r * {} + k * 16, (const unsigned char*)({ptr} + tile_base + (long long)(s0 + r) * C) + k * 16); }}", per_row * 16)
+        } else {
+            format!("sp_cp16(stg + {offset} + q * 16, (const unsigned char*)({ptr} + ((long long)b * nck + tl) * C + c0) + q * 16);")
+        };
+        arms.push((first, count, copy));
+        first += count;
+    }
+    let _ = writeln!(issue, "        for (int i = pt; i < {first}; i += {pt}) {{");
+    for (k, (start, count, copy)) in arms.iter().enumerate() {
+        let cond = if k + 1 == arms.len() { String::new() } else { format!("if (i < {}) ", start + count) };
+        let els = if k == 0 { "" } else { "else " };
+        let _ = writeln!(issue, "          {els}{cond}{{ const int q = i - {start}; {copy} }}");
+    }
+    let _ = writeln!(issue, "        }}\n      }}\n      sp_cp_commit();");
+    let load_raw = |s: &mut String, indent: &str, j: &str| {
         for (name, ((_, e), x)) in raw_names.iter().zip(raw.iter().zip(&streamed)) {
-            let _ = writeln!(s, "{indent}const float {name} = sp_ld((const {}*)(stg + {} + ({j}) * {}), {ch});", e.c_type(), x.offset, x.row_bytes);
+            let _ = writeln!(s, "{indent}const float {name} = sp_ld((const {}*)(stg + {} + ({j}) * {}), ch);", e.c_type(), x.offset, x.row_bytes);
         }
     };
-    // Three stages run at once on three tiles: the chain on tile `it`, the parallel part of
-    // tile it+1 (the other workers), and the forward recompute of tile it+2 from its
-    // checkpoint (the first `t` worker threads, one per channel). Tiles are independent
-    // given their checkpoints, so the sequential recompute is off the chain's critical path.
-    let head = |s: &mut String| {
-        let _ = writeln!(s, "      if (it < ntiles) {{");
-        let _ = writeln!(s, "        const int tl = ntiles - 1 - it;\n        const int s0 = tl * {l};");
-        let _ = writeln!(s, "        const unsigned char* stg = sp_smem + (it % {ns}) * {raw_stage};");
-        let _ = writeln!(s, "        float* sv = (float*)(sp_smem + {sv_base} + (it & 1) * {sv_stage});");
+    // Opens the block of a piece working on tile `x` (an expression of `it`): its time
+    // offset, raw stage and recomputed states.
+    let head = |s: &mut String, x: &str| {
+        let _ = writeln!(s, "      {{\n      const int x = {x};\n      if (x >= 0 && x < ntiles) {{");
+        let _ = writeln!(s, "        const int tl = ntiles - 1 - x;\n        const int s0 = tl * {l};");
+        let _ = writeln!(s, "        const unsigned char* stg = sp_smem + (x % {ns}) * {raw_stage};");
+        let _ = writeln!(s, "        float* sv = (float*)(sp_smem + {sv_base} + (x % 3) * {sv_stage});");
+        let _ = writeln!(s, "        float* sa = (float*)(sp_smem + {sa_base} + (x & 1) * {sv_stage});");
+        let _ = writeln!(s, "        (void)sa;");
     };
-    let mut recompute = String::new();
-    head(&mut recompute);
-    let _ = writeln!(recompute, "        {{");
-    let _ = writeln!(recompute, "          const int ch = pt, c = c0 + ch;");
-    for n in &model.params {
-        let _ = writeln!(recompute, "          const float {} = p_{}[c];", id(n), id(n));
-    }
-    for (k, st) in model.state.iter().enumerate() {
-        let _ = writeln!(recompute, "          float {} = ((const float*)(stg + {}))[ch];", id(&st.name), raw_rows + k * t * 4);
-    }
+    let tail = "      }\n      }\n";
+    // Recompute: the forward over the tile from its checkpoint, one thread per channel.
     // Straight-line for a whole tile (see the forward), a loop for the partial one. The whole
     // tile keeps each step's state in registers and stores them after the last step: stores to
     // shared memory between the steps would keep the compiler from issuing the steps' loads
     // early, and each step would wait on its own.
+    let mut recompute = String::new();
+    head(&mut recompute, "it + 1");
+    for (k, st) in model.state.iter().enumerate() {
+        let _ = writeln!(recompute, "        float {} = ((const float*)(stg + {}))[ch];", id(&st.name), raw_rows + k * t * 4);
+    }
     let recompute_step = |s: &mut String, j: &str, keep: bool| {
-        reset(s, "            ");
+        reset(s, "          ");
         for (k, st) in model.state.iter().enumerate() {
             if keep {
-                let _ = writeln!(s, "            keep_{k}_{j} = {};", id(&st.name));
+                let _ = writeln!(s, "          keep_{k}_{j} = {};", id(&st.name));
             } else {
-                let _ = writeln!(s, "            sv[{} + ({j}) * {t} + ch] = {};", k * l * t, id(&st.name));
+                let _ = writeln!(s, "          sv[{} + ({j}) * {t} + ch] = {};", k * tile_floats, id(&st.name));
             }
         }
-        load_raw(s, "            ", j, "ch");
+        load_raw(s, "          ", j);
         s.push_str(&forward_step(model, &[]));
     };
-    let _ = writeln!(recompute, "          if (s0 + {l} <= S) {{");
-    for k in 0..model.state.len() {
-        let _ = writeln!(recompute, "            float {};", (0..l).map(|j| format!("keep_{k}_{j}")).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(recompute, "        if (s0 + {l} <= S) {{");
+    for k in 0..nst {
+        let _ = writeln!(recompute, "          float {};", (0..l).map(|j| format!("keep_{k}_{j}")).collect::<Vec<_>>().join(", "));
     }
     for j in 0..l {
-        let _ = writeln!(recompute, "            {{\n            const int step = s0 + {j};");
+        let _ = writeln!(recompute, "          {{\n          const int step = s0 + {j};");
         recompute_step(&mut recompute, &j.to_string(), true);
-        let _ = writeln!(recompute, "            }}");
+        let _ = writeln!(recompute, "          }}");
     }
-    for k in 0..model.state.len() {
+    for k in 0..nst {
         for j in 0..l {
-            let _ = writeln!(recompute, "            sv[{} + {j} * {t} + ch] = keep_{k}_{j};", k * l * t);
+            let _ = writeln!(recompute, "          sv[{} + {j} * {t} + ch] = keep_{k}_{j};", k * tile_floats);
         }
     }
-    let _ = writeln!(recompute, "          }} else {{");
-    let _ = writeln!(recompute, "          for (int j = 0; j < {l}; ++j) {{");
-    let _ = writeln!(recompute, "            const int step = s0 + j;\n            if (step >= S) break;");
+    let _ = writeln!(recompute, "        }} else {{");
+    let _ = writeln!(recompute, "        for (int j = 0; j < {l}; ++j) {{");
+    let _ = writeln!(recompute, "          const int step = s0 + j;\n          if (step >= S) break;");
     recompute_step(&mut recompute, "j", false);
-    let _ = writeln!(recompute, "          }}\n          }}\n        }}\n      }}");
-    // Every state-adjoint-independent binding, all elements of the tile in parallel.
-    // Workers are a multiple of the channel count, so each worker keeps one channel: its
-    // parameters and the bindings of parameters only (β = σ(w)) are computed once per tile,
-    // not per element (the reverse scan is bound by instruction issue).
-    let workers = pt - t;
-    debug_assert!(workers % t == 0);
-    let par_vars: std::collections::BTreeSet<String> = split.parallel.iter().flat_map(|(_, e)| e.vars()).collect();
-    let mut parallel = String::new();
-    head(&mut parallel);
-    let _ = writeln!(parallel, "        float* sg = (float*)(sp_smem + {st_base} + (it & 1) * {st_stage});");
-    let _ = writeln!(parallel, "        const int ch = (pt - {t}) % {t}, c = c0 + ch;");
-    for n in model.params.iter().filter(|p| par_vars.contains(*p)) {
-        let _ = writeln!(parallel, "        const float {} = p_{}[c];", id(n), id(n));
-    }
-    for (n, e) in split.parallel.iter().filter(|(n, _)| per_channel.contains(n)) {
-        let _ = writeln!(parallel, "        const float {} = {};", id(n), expr(e, &|v| id(v)));
-    }
-    let _ = writeln!(parallel, "        for (int j = (pt - {t}) / {t}; j < {l}; j += {}) {{", workers / t);
-    let _ = writeln!(parallel, "          if (s0 + j >= S) continue;");
-    load_raw(&mut parallel, "          ", "j", "ch");
+    let _ = writeln!(recompute, "        }}\n        }}");
+    recompute.push_str(tail);
+    // The values the chain reads, for every element of tile it+1.
+    // A worker's rows of a tile, unrolled (at most ⌈l / rows per channel⌉, predicated) so that
+    // their loads and math interleave.
+    let per = workers / t;
+    let rows = |s: &mut String| {
+        let _ = writeln!(s, "        #pragma unroll\n        for (int k = 0; k < {}; ++k) {{", l.div_ceil(per));
+        let _ = writeln!(s, "          const int j = row0 + k * {per};");
+        let _ = writeln!(s, "          if (j >= {l} || s0 + j >= S) continue;");
+        load_raw(s, "          ", "j");
+        for (k, st) in model.state.iter().enumerate() {
+            let _ = writeln!(s, "          const float {} = sv[{} + j * {t} + ch];", id(&st.name), k * tile_floats);
+        }
+    };
+    // Epilogue of tile it-1: input gradients stored, parameter gradients summed per thread.
+    let mut epi = String::new();
+    head(&mut epi, "it - 1");
+    rows(&mut epi);
     for (k, st) in model.state.iter().enumerate() {
-        let _ = writeln!(parallel, "          const float {} = sv[{} + j * {t} + ch];", id(&st.name), k * l * t);
+        let _ = writeln!(epi, "          const float {} = sa[{} + j * {t} + ch];", id(&state_grad_name(&st.name)), k * tile_floats);
     }
-    for (n, e) in split.parallel.iter().filter(|(n, _)| !per_channel.contains(n)) {
-        let _ = writeln!(parallel, "          const float {} = {};", id(n), expr(e, &|v| id(v)));
+    for (n, e) in epilogue.iter().filter(|(n, _)| !per_channel.contains(n)) {
+        let _ = writeln!(epi, "          const float {} = {};", id(n), expr(e, &|v| id(v)));
     }
-    for (k, n) in staged.iter().enumerate() {
-        let _ = writeln!(parallel, "          sg[{} + j * {t} + ch] = {};", k * l * t, id(n));
+    let _ = writeln!(epi, "          const long long at = tile_base + (long long)(s0 + j) * C + ch;");
+    for (n, g) in model.inputs.iter().zip(&split.step.input_grads) {
+        let _ = writeln!(epi, "          sp_st(din_{}, at, {});", id(n), id(g));
     }
-    let _ = writeln!(parallel, "        }}\n      }}");
-    // Run `body` for tile `it + ahead`.
-    let at = |ahead: usize, body: &str| format!("      {{\n      const int it2 = it + {ahead};\n      {{\n      const int it = it2;\n{body}      }}\n      }}\n");
-    let wait_and_sync = |pending: usize| format!("      sp_cp_wait<{pending}>();\n      asm volatile(\"bar.sync 1, {pt};\" ::: \"memory\");\n");
-    let split_work = |rec: &str, par: &str| format!("      if (pt < {t}) {{\n{rec}      }} else {{\n{par}      }}\n");
-    // Start: tiles 0..ns in flight; recompute tile 0; then recompute 1 beside the parallel part of 0.
-    let _ = writeln!(s, "  if (!chain) {{");
-    let _ = writeln!(s, "    const int it = 0;");
-    let _ = writeln!(s, "    for (int it = 0; it < {ns}; ++it) {{\n{issue}    }}");
-    s.push_str(&wait_and_sync(ns - 1));
-    let _ = writeln!(s, "      if (pt < {t}) {{\n{}      }}", at(0, &recompute));
-    s.push_str(&wait_and_sync(ns - 2));
-    s.push_str(&split_work(&at(1, &recompute), &at(0, &parallel)));
-    let _ = writeln!(s, "  }}\n  __syncthreads();");
-    // Chain registers.
-    let _ = writeln!(s, "  const long long col = col0 + (chain ? tid : 0);\n  const int c = c0 + (chain ? tid : 0);");
-    let _ = writeln!(s, "  const long long base = (long long)b * S * C + c;");
-    // Parameters and per-channel bindings, once: the chain reads every parameter (through
-    // its per-channel bindings or directly); unused ones cost a load at the start.
-    for n in &model.params {
-        let _ = writeln!(s, "  const float {} = p_{}[c];", id(n), id(n));
+    for (n, g) in model.params.iter().zip(&split.step.param_grads) {
+        let _ = writeln!(epi, "          tacc_{} += {};", id(n), id(g));
     }
-    for (n, e) in split.parallel.iter().filter(|(n, _)| per_channel.contains(n)) {
-        let _ = writeln!(s, "  const float {} = {};", id(n), expr(e, &|v| id(v)));
+    let _ = writeln!(epi, "        }}");
+    epi.push_str(tail);
+    // The chain on tile it.
+    let mut chain = String::new();
+    let _ = writeln!(chain, "      if (it >= 0 && it < ntiles) {{");
+    let _ = writeln!(chain, "        const int tl = ntiles - 1 - it;");
+    let _ = writeln!(chain, "        const unsigned char* stg = sp_smem + (it % {ns}) * {raw_stage};");
+    let _ = writeln!(chain, "        const float* sv = (const float*)(sp_smem + {sv_base} + (it % 3) * {sv_stage});");
+    let _ = writeln!(chain, "        float* sa = (float*)(sp_smem + {sa_base} + (it & 1) * {sv_stage});");
+    // The values the chain reads that do not depend on the carried adjoint, evaluated by the
+    // chain itself from the tile's inputs and states (they are few and cheap: σ(·), the
+    // output gradient).
+    let for_staged = closure(&split.parallel, &staged);
+    let staged_vars: std::collections::BTreeSet<String> = for_staged.iter().flat_map(|(_, e)| e.vars()).chain(staged.iter().cloned()).collect();
+    let chain_step = |s: &mut String, j: &str| {
+        for (k, st) in model.state.iter().enumerate() {
+            let _ = writeln!(s, "        sa[{} + ({j}) * {t} + tid] = carry_{};", k * tile_floats, id(&st.name));
+        }
+        for (name, ((_, e), x)) in raw_names.iter().zip(raw.iter().zip(&streamed)) {
+            if staged_vars.iter().any(|v| id(v) == *name) {
+                let _ = writeln!(s, "        const float {name} = sp_ld((const {}*)(stg + {} + ({j}) * {}), tid);", e.c_type(), x.offset, x.row_bytes);
+            }
+        }
+        for (k, st) in model.state.iter().enumerate() {
+            if staged_vars.contains(&st.name) {
+                let _ = writeln!(s, "        const float {} = sv[{} + ({j}) * {t} + tid];", id(&st.name), k * tile_floats);
+            }
+        }
+        for (n, e) in for_staged.iter().filter(|(n, _)| !per_channel.contains(n)) {
+            let _ = writeln!(s, "        const float {} = {};", id(n), expr(e, &|v| id(v)));
+        }
+        for st in &model.state {
+            let _ = writeln!(s, "        const float {} = carry_{};", id(&state_grad_name(&st.name)), id(&st.name));
+        }
+        for (n, e) in &split.chain {
+            let _ = writeln!(s, "        const float {} = {};", id(n), expr(e, &|v| id(v)));
+        }
+        for (st, g) in model.state.iter().zip(&split.step.state_grads) {
+            let cut = if token_scope { "(step % K == 0) ? 0.0f : " } else { "" };
+            let _ = writeln!(s, "        carry_{} = {cut}{};", id(&st.name), id(g));
+        }
+    };
+    // As in the forward: a whole tile is straight-line code, the first (partial) tile a loop.
+    let _ = writeln!(chain, "        if (tl * {l} + {l} <= S) {{");
+    for j in (0..l).rev() {
+        let _ = writeln!(chain, "        {{\n        const int step = tl * {l} + {j};\n        (void)step;");
+        chain_step(&mut chain, &j.to_string());
+        let _ = writeln!(chain, "        }}");
     }
+    let _ = writeln!(chain, "        }} else {{");
+    let _ = writeln!(chain, "        for (int j = {}; j >= 0; --j) {{", l - 1);
+    let _ = writeln!(chain, "        const int step = tl * {l} + j;\n        if (step >= S) continue;");
+    chain_step(&mut chain, "j");
+    let _ = writeln!(chain, "        }}\n        }}\n      }}");
+
+    // The pipeline: tiles 0..lead in flight, then one iteration per tile, one to fill and one
+    // to drain.
     for st in &model.state {
-        let _ = writeln!(s, "  float carry_{0} = chain ? gf_{0}[col] : 0.0f;", id(&st.name));
+        let _ = writeln!(s, "  float carry_{0} = chain ? gf_{0}[col0 + tid] : 0.0f;", id(&st.name));
     }
     for n in &model.params {
         let _ = writeln!(s, "  double acc_{} = 0.0;", id(n));
     }
-    let _ = writeln!(s, "  for (int it = 0; it < ntiles; ++it) {{");
-    let _ = writeln!(s, "    if (chain) {{");
-    let _ = writeln!(s, "      const int tl = ntiles - 1 - it;");
-    let _ = writeln!(s, "      const float* sg = (const float*)(sp_smem + {st_base} + (it & 1) * {st_stage});");
-    // One step of the chain at `j` (a literal or the loop variable).
-    let chain_step = |s: &mut String, j: &str| {
-        let _ = writeln!(s, "      const long long at = base + (long long)step * C;");
-        for (k, n) in staged.iter().enumerate() {
-            let _ = writeln!(s, "      const float {} = sg[{} + ({j}) * {t} + tid];", id(n), k * l * t);
-        }
-        for st in &model.state {
-            let _ = writeln!(s, "      const float {} = carry_{};", id(&state_grad_name(&st.name)), id(&st.name));
-        }
-        for (n, e) in &split.chain {
-            let _ = writeln!(s, "      const float {} = {};", id(n), expr(e, &|v| id(v)));
-        }
-        for (n, g) in model.inputs.iter().zip(&split.step.input_grads) {
-            let _ = writeln!(s, "      sp_st(din_{}, at, {});", id(n), id(g));
-        }
-        for (n, g) in model.params.iter().zip(&split.step.param_grads) {
-            let _ = writeln!(s, "      tacc_{} += {};", id(n), id(g));
-        }
-        for (st, g) in model.state.iter().zip(&split.step.state_grads) {
-            let cut = if token_scope { "(step % K == 0) ? 0.0f : " } else { "" };
-            let _ = writeln!(s, "      carry_{} = {cut}{};", id(&st.name), id(g));
-        }
-    };
-    // Parameter gradients: a float sum per tile, added to the double total once per tile.
+    let _ = writeln!(s, "  if (!chain) {{");
+    let _ = writeln!(s, "    for (int cx = 0; cx < {lead}; ++cx) {{\n{issue}    }}\n  }}");
+    let _ = writeln!(s, "  for (int it = -1; it <= ntiles; ++it) {{");
+    let _ = writeln!(s, "    if (chain) {{\n{chain}    }} else {{");
+    let _ = writeln!(s, "      {{\n      const int cx = it + 1 + {lead};\n{issue}      }}");
+    let _ = writeln!(s, "      sp_cp_wait<{lead}>();\n      asm volatile(\"bar.sync 1, {pt};\" ::: \"memory\");");
+    let _ = writeln!(s, "      if (pt < {t}) {{\n{recompute}      }} else {{");
+    // Parameter gradients: a float sum per tile, added to the thread's double total.
     for n in &model.params {
         let _ = writeln!(s, "      float tacc_{} = 0.0f;", id(n));
     }
-    // As in the forward: a whole tile is straight-line code, the first (partial) tile a loop.
-    let _ = writeln!(s, "      if (tl * {l} + {l} <= S) {{");
-    for j in (0..l).rev() {
-        let _ = writeln!(s, "      {{\n      const int step = tl * {l} + {j};");
-        chain_step(&mut s, &j.to_string());
-        let _ = writeln!(s, "      }}");
-    }
-    let _ = writeln!(s, "      }} else {{");
-    let _ = writeln!(s, "      for (int j = {}; j >= 0; --j) {{", l - 1);
-    let _ = writeln!(s, "      const int step = tl * {l} + j;\n      if (step >= S) continue;");
-    chain_step(&mut s, "j");
-    let _ = writeln!(s, "      }}\n      }}");
+    let _ = writeln!(s, "{epi}");
     for n in &model.params {
         let _ = writeln!(s, "      acc_{0} += (double)tacc_{0};", id(n));
     }
-    let _ = writeln!(s, "    }} else {{");
-    s.push_str(&at(ns, &issue));
-    s.push_str(&wait_and_sync(ns - 2));
-    s.push_str(&split_work(&at(2, &recompute), &at(1, &parallel)));
-    let _ = writeln!(s, "    }}\n    __syncthreads();\n  }}");
+    let _ = writeln!(s, "      }}\n    }}\n    __syncthreads();\n  }}");
+    // Results: the initial-state adjoints from the chain; the parameter gradients summed over
+    // the epilogue threads of each channel (through the raw stages, free now).
     let _ = writeln!(s, "  if (chain) {{");
     for st in &model.state {
-        let _ = writeln!(s, "    dinit_{0}[col] = carry_{0};", id(&st.name));
+        let _ = writeln!(s, "    dinit_{0}[col0 + tid] = carry_{0};", id(&st.name));
     }
-    for n in &model.params {
-        let _ = writeln!(s, "    dp_{0}[col] = (float)acc_{0};", id(n));
+    let _ = writeln!(s, "  }}");
+    if !model.params.is_empty() {
+        let _ = writeln!(s, "  sp_cp_wait<0>();\n  double* red = (double*)sp_smem;");
+        let _ = writeln!(s, "  if (!chain && pt >= {t}) {{");
+        for (k, n) in model.params.iter().enumerate() {
+            let _ = writeln!(s, "    red[({k} * {per} + row0) * {t} + ch] = acc_{};", id(n));
+        }
+        let _ = writeln!(s, "  }}\n  __syncthreads();\n  if (chain) {{");
+        for (k, n) in model.params.iter().enumerate() {
+            let _ = writeln!(s, "    {{\n    double sum = 0.0;\n    for (int r = 0; r < {per}; ++r) sum += red[({k} * {per} + r) * {t} + tid];");
+            let _ = writeln!(s, "    dp_{}[col0 + tid] = (float)sum;\n    }}", id(n));
+        }
+        let _ = writeln!(s, "  }}");
+        if model.params.len() * per * t * 8 > ns * raw_stage {
+            return Err(format!("the tiled reverse scan of `{}`: the parameter-gradient sums do not fit the raw stages", model.name));
+        }
     }
-    let _ = writeln!(s, "  }}\n}}");
+    let _ = writeln!(s, "}}");
     Ok(s)
 }
 
@@ -1077,9 +1191,12 @@ mod tests {
         // Selective PLIF with a detached reset: the chain needs only β, the previous state, the
         // spike and the output gradient; the recomputed step and the surrogate are parallel.
         let split = split_adjoint(&sel, &vp).unwrap();
-        assert_eq!(split.staged, ["beta", "v", "d_f4", "hoist_6"], "{split:?}");
-        assert!(split.parallel.iter().any(|(n, e)| n == "hoist_6" && e.to_string() == "-f2"), "{split:?}");
-        assert!(split.chain.iter().all(|(_, e)| !e.vars().contains("f0")), "{split:?}");
+        // The chain carries only the state adjoint: a_{t-1} = β·(a_t + g_t).
+        assert_eq!(split.staged, ["beta", "d_f4"], "{split:?}");
+        assert_eq!(split.chain.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["d_f3", "d_f0", "grad_v"], "{split:?}");
+        // The gradients of β, u and θ are the epilogue's, with the surrogate-free spike term.
+        let epi = epilogue_bindings(&split.step);
+        assert!(epi.iter().any(|(n, _)| n == "grad_theta") && epi.iter().all(|(n, _)| n != "grad_v"), "{epi:?}");
     }
 
     #[test]

@@ -381,3 +381,46 @@ fn resident_state_and_captured_steps_match_the_cpu() {
     }
     assert!(bf16.executor().captured_step_nodes().unwrap().is_some(), "the one-token step was captured");
 }
+
+/// The fast reverse scans (tiled at both block widths, time-parallel) against the
+/// one-thread-per-column kernel on the same random inputs and checkpoints: the fused selective
+/// PLIF the 0.9B model trains with, and row-parameter PLIF, with last tiles cut short, with and
+/// without restarts at token boundaries. The training graphs above mostly take the
+/// time-parallel kernel at their small widths, so this is where the tiled one is checked.
+#[test]
+fn fast_reverse_scans_match_the_per_column_kernel() {
+    use sparkc_backend_cuda::bench::{reverse_scan_disagreement, ScanCase};
+    use sparkc_backend_cuda::codegen::Elem::{Bf16, F32};
+    use sparkc_backend_cuda::scan_codegen::ScanIo;
+    let Some(gpu) = gpu_or_skip("fast_reverse_scans_match_the_per_column_kernel") else { return };
+    let fused = maybe_fused(build_graph(&NeuronSparkConfig::tiny(), &GraphOptions::default()).unwrap(), true);
+    let selective = fused
+        .g
+        .node_indices()
+        .find_map(|n| match &fused.node(n).op {
+            sparkc_ir::Op::Scan { neuron, .. } if fused.node(n).name.ends_with("hidden_neuron") => Some(fused.neurons[neuron].clone()),
+            _ => None,
+        })
+        .unwrap();
+    let (plif, unfused) = (sparkc_ir::neuron::plif(), sparkc_ir::neuron::selective_plif());
+    let (vpost, leak) = (vec!["vpost".to_string()], vec!["leak".to_string()]);
+    let bf16_in = vec![Bf16; selective.inputs.len()];
+    let cases = [
+        ("fused selective, bf16", &selective, &vpost, ScanIo { inputs: bf16_in, outputs: vec![Bf16] }, (-1.0, 1.0), 2, 1000, 16, 256, true, false),
+        ("fused selective, bf16, token restarts", &selective, &vpost, ScanIo { inputs: vec![Bf16; selective.inputs.len()], outputs: vec![Bf16] }, (-1.0, 1.0), 1, 203, 7, 128, true, true),
+        ("selective, f32", &unfused, &vpost, ScanIo { inputs: vec![F32; 3], outputs: vec![F32] }, (0.05, 0.95), 2, 517, 11, 256, false, false),
+        ("PLIF row-param, bf16, token restarts", &plif, &leak, ScanIo { inputs: vec![Bf16], outputs: vec![Bf16] }, (-1.0, 1.0), 2, 333, 9, 192, true, true),
+        ("PLIF row-param, f32 in, bf16 out", &plif, &leak, ScanIo { inputs: vec![F32], outputs: vec![Bf16] }, (-1.0, 1.0), 3, 64, 16, 64, true, false),
+    ];
+    for (label, model, emit, io, range, b, s, k, c, fast, token) in cases {
+        let case = ScanCase { model, emit, io, range, b, s, k, c, simple_unroll: None, fast };
+        let found = reverse_scan_disagreement(&gpu, &case, token).unwrap();
+        assert!(found.iter().any(|(kernel, _)| kernel.starts_with("tiled")), "{label}: no tiled kernel applies");
+        // bf16 gradients round once more where fast math contracts differently.
+        let bar = if fast { 1e-2 } else { 1e-5 };
+        for (kernel, diff) in found {
+            println!("{label}: {kernel} differs by {diff:.2e}");
+            assert!(diff < bar, "{label}: the {kernel} reverse scan differs from the per-column one by {diff:e}");
+        }
+    }
+}
