@@ -320,6 +320,52 @@ extern "C" __global__ void sp_rms_norm_grad(float* dx, float* dw_rows, const flo
     }
 }
 
+/* sp_rms_norm_grad for d <= 32 * RMS_LANE_COLS, without the per-row dw: a block of 8 warps walks
+   rows with a stride (one warp per row), each lane keeps its columns' dw in registers, and the
+   block's sum goes to dw_partial[block * d + j] (sp_sum_chunks adds the blocks in a fixed
+   order). Saves writing and re-reading a [rows, d] tensor. */
+#define RMS_LANE_COLS 32
+extern "C" __global__ void __launch_bounds__(256) sp_rms_norm_grad_blocks(float* dx, double* dw_partial, const float* dy, const float* x, const float* w, long long rows, int d, double eps) {
+    __shared__ float red[8][32 * RMS_LANE_COLS];
+    const int lane = threadIdx.x, warp = threadIdx.y;
+    float dw[RMS_LANE_COLS];
+#pragma unroll
+    for (int k = 0; k < RMS_LANE_COLS; ++k) dw[k] = 0.0f;
+    for (long long r = blockIdx.x * 8LL + warp; r < rows; r += gridDim.x * 8LL) {
+        const long long off = r * d;
+        double ss = 0.0, gx = 0.0;
+#pragma unroll
+        for (int k = 0; k < RMS_LANE_COLS; ++k) {
+            const int j = lane + 32 * k;
+            if (j < d) {
+                double xv = x[off + j];
+                ss += xv * xv;
+                gx += (double)dy[off + j] * (double)w[j] * xv;
+            }
+        }
+        ss = sp_team_sum(ss);
+        gx = sp_team_sum(gx);
+        const double rr = 1.0 / sqrt(ss / d + eps);
+#pragma unroll
+        for (int k = 0; k < RMS_LANE_COLS; ++k) {
+            const int j = lane + 32 * k;
+            if (j < d) {
+                const double xv = x[off + j], g = dy[off + j];
+                dx[off + j] = (float)(rr * g * (double)w[j] - xv * rr * rr * rr * gx / d);
+                dw[k] += (float)(g * xv * rr);
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < RMS_LANE_COLS; ++k) red[warp][lane + 32 * k] = dw[k];
+    __syncthreads();
+    for (int j = warp * 32 + lane; j < d; j += 256) {
+        double acc = 0.0;
+        for (int q = 0; q < 8; ++q) acc += red[q][j];
+        dw_partial[blockIdx.x * (long long)d + j] = acc;
+    }
+}
+
 extern "C" __global__ void sp_ponder_weights_grad(float* out, const float* dlam, const float* dek, const float* logits, long long rows, int k, double clampv, double eps) {
     GRID_STRIDE(r, rows) {
         double sig[64], p[64], surv[64], lam[64], dl[64], dp[64];

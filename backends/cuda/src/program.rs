@@ -238,6 +238,9 @@ const FEW_ROWS: usize = 2048;
 
 /// The team of threads per row of the library's row kernels (`ROW_TEAM`): a warp per row, eight
 /// rows per block, when there are many rows; a 256-thread block per row when there are few.
+/// The widest rows `sp_rms_norm_grad_blocks` takes (32 lanes × RMS_LANE_COLS).
+const RMS_GRAD_BLOCK_COLS: usize = 32 * 32;
+
 fn row_teams(rows: usize) -> LaunchConfig {
     if rows < FEW_ROWS {
         return LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -270,7 +273,7 @@ impl GpuProgram {
         let mut names = vec![
             "sp_embedding", "sp_linear_narrow", "sp_repeat_frames", "sp_mean_frames", "sp_add_bias", "sp_rms_norm", "sp_center_last",
             "sp_centered_residual", "sp_zero", "sp_pointer_table", "sp_ponder_weights", "sp_frame_weighted_sum", "sp_cross_entropy", "sp_masked_mean", "sp_to_bf16",
-            "sp_sum_rows", "sp_sum_rows_partial", "sp_sum_chunks", "sp_sum_all_partial", "sp_sum_inner", "sp_embedding_grad", "sp_sum_frames", "sp_rms_norm_grad", "sp_ponder_weights_grad",
+            "sp_sum_rows", "sp_sum_rows_partial", "sp_sum_chunks", "sp_sum_all_partial", "sp_sum_inner", "sp_embedding_grad", "sp_sum_frames", "sp_rms_norm_grad", "sp_rms_norm_grad_blocks", "sp_ponder_weights_grad",
             "sp_frame_weighted_sum_grad_frames", "sp_frame_weighted_sum_grad_weights", "sp_cross_entropy_grad", "sp_mean_grad",
             "sp_accumulate", "sp_sum_squares", "sp_adam",
         ]
@@ -1539,12 +1542,23 @@ impl GpuProgram {
             Op::RmsNormGrad { eps } => {
                 let d = *shapes[0].last().unwrap_or(&1);
                 let r = out_n / d.max(1);
-                let mut dw_rows = self.alloc(out_n)?;
                 let mut dw = self.alloc(d)?;
                 let di = d as i32;
                 let rr = r as i64;
-                launch!(self.f("sp_rms_norm_grad"), row_teams(r), &mut out, &mut dw_rows, fl(0)?, fl(1)?, fl(2)?, &rr, &di, eps);
-                self.sum_rows(&mut dw, &dw_rows, r, d)?;
+                if d <= RMS_GRAD_BLOCK_COLS {
+                    // Two blocks per SM, each summing its rows' dw.
+                    let blocks = (2 * self.gpu.sms).min(r.div_ceil(8)).max(1);
+                    // SAFETY: every block writes its d partial sums.
+                    let mut partial = unsafe { self.raw_alloc::<f64>(blocks * d) }?;
+                    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+                    launch!(self.f("sp_rms_norm_grad_blocks"), cfg, &mut out, &mut partial, fl(0)?, fl(1)?, fl(2)?, &rr, &di, eps);
+                    let (nb, dd) = (blocks as i64, d as i64);
+                    launch!(self.f("sp_sum_chunks"), grid(d), &mut dw, &partial, &nb, &dd);
+                } else {
+                    let mut dw_rows = self.alloc(out_n)?;
+                    launch!(self.f("sp_rms_norm_grad"), row_teams(r), &mut out, &mut dw_rows, fl(0)?, fl(1)?, fl(2)?, &rr, &di, eps);
+                    self.sum_rows(&mut dw, &dw_rows, r, d)?;
+                }
                 return Ok(vec![wrap(out, &shapes[0]), wrap(dw, &shapes[1])]);
             }
             Op::ScanAdjoint { neuron, emit, .. } => {
