@@ -105,17 +105,32 @@ pub struct ScanCase<'a> {
     pub fast: bool,
 }
 
-/// Every buffer of one scan case: random per-step inputs, parameters, initial states and
-/// incoming gradients (never zeros), and the results of both directions.
-struct ScanBuffers {
+/// What every reverse scan kernel reads first, in its argument order: per-step inputs,
+/// parameters, initial states, output gradients, final-state gradients, checkpoints.
+struct ReverseOperands {
     inputs: Vec<DevBuf>,
     params: Vec<CudaSlice<f32>>,
     init: Vec<CudaSlice<f32>>,
-    outs: Vec<DevBuf>,
-    fins: Vec<CudaSlice<f32>>,
-    ck: Vec<CudaSlice<f32>>,
     gouts: Vec<DevBuf>,
     gfin: Vec<CudaSlice<f32>>,
+    ck: Vec<CudaSlice<f32>>,
+}
+
+impl ReverseOperands {
+    fn push<'a>(&'a mut self, l: &mut cudarc::driver::LaunchArgs<'a>) {
+        self.inputs.iter_mut().for_each(|x| x.push(l));
+        self.params.iter_mut().chain(self.init.iter_mut()).for_each(|x| { l.arg(x); });
+        self.gouts.iter_mut().for_each(|x| x.push(l));
+        self.gfin.iter_mut().chain(self.ck.iter_mut()).for_each(|x| { l.arg(x); });
+    }
+}
+
+/// Every buffer of one scan case: random per-step inputs, parameters, initial states and
+/// incoming gradients (never zeros), and the results of both directions.
+struct ScanBuffers {
+    rev: ReverseOperands,
+    outs: Vec<DevBuf>,
+    fins: Vec<CudaSlice<f32>>,
     din: Vec<DevBuf>,
     dp: Vec<CudaSlice<f32>>,
     dinit: Vec<CudaSlice<f32>>,
@@ -141,14 +156,16 @@ impl ScanBuffers {
         let (lo, hi) = case.range;
         let states = |seed: u64, n: usize, lo: f32, hi: f32| (0..model.state.len()).map(|i| random(gpu, n, lo, hi, seed + i as u64)).collect::<Result<Vec<_>, _>>();
         Ok(ScanBuffers {
-            inputs: io.inputs.iter().enumerate().map(|(i, &e)| random_dev(gpu, e, n, lo, hi, i as u64)).collect::<Result<_, _>>()?,
-            params: (0..model.params.len()).map(|i| random(gpu, c, -0.5, 0.5, 100 + i as u64)).collect::<Result<_, _>>()?,
-            init: states(200, b * c, 0.0, 0.1)?,
+            rev: ReverseOperands {
+                inputs: io.inputs.iter().enumerate().map(|(i, &e)| random_dev(gpu, e, n, lo, hi, i as u64)).collect::<Result<_, _>>()?,
+                params: (0..model.params.len()).map(|i| random(gpu, c, -0.5, 0.5, 100 + i as u64)).collect::<Result<_, _>>()?,
+                init: states(200, b * c, 0.0, 0.1)?,
+                gouts: io.outputs.iter().enumerate().map(|(i, &e)| random_dev(gpu, e, n, -1.0, 1.0, 600 + i as u64)).collect::<Result<_, _>>()?,
+                gfin: states(700, b * c, -1.0, 1.0)?,
+                ck: states(500, b * c * nck, 0.0, 1.0)?,
+            },
             outs: io.outputs.iter().enumerate().map(|(i, &e)| random_dev(gpu, e, n, -1.0, 1.0, 300 + i as u64)).collect::<Result<_, _>>()?,
             fins: states(400, b * c, 0.0, 1.0)?,
-            ck: states(500, b * c * nck, 0.0, 1.0)?,
-            gouts: io.outputs.iter().enumerate().map(|(i, &e)| random_dev(gpu, e, n, -1.0, 1.0, 600 + i as u64)).collect::<Result<_, _>>()?,
-            gfin: states(700, b * c, -1.0, 1.0)?,
             din: io.inputs.iter().enumerate().map(|(i, &e)| random_dev(gpu, e, n, -1.0, 1.0, 800 + i as u64)).collect::<Result<_, _>>()?,
             dp: (0..model.params.len()).map(|i| random(gpu, b * c, 0.0, 1.0, 900 + i as u64)).collect::<Result<_, _>>()?,
             dinit: states(1000, b * c, 0.0, 1.0)?,
@@ -161,13 +178,14 @@ impl ScanBuffers {
     fn forward(&mut self, gpu: &Gpu, f: &CudaFunction, cfg: LaunchConfig, keep_checkpoints: bool) -> Result<(), CudaError> {
         let null = 0u64;
         let states = self.fins.len();
+        let rev = &mut self.rev;
         let mut l = gpu.stream.launch_builder(f);
-        self.inputs.iter_mut().for_each(|x| x.push(&mut l));
-        self.params.iter_mut().chain(self.init.iter_mut()).for_each(|x| { l.arg(x); });
+        rev.inputs.iter_mut().for_each(|x| x.push(&mut l));
+        rev.params.iter_mut().chain(rev.init.iter_mut()).for_each(|x| { l.arg(x); });
         self.outs.iter_mut().for_each(|x| x.push(&mut l));
         self.fins.iter_mut().for_each(|x| { l.arg(x); });
         if keep_checkpoints {
-            self.ck.iter_mut().for_each(|x| { l.arg(x); });
+            rev.ck.iter_mut().for_each(|x| { l.arg(x); });
         } else {
             (0..states).for_each(|_| { l.arg(&null); });
         }
@@ -181,10 +199,7 @@ impl ScanBuffers {
     fn reverse(&mut self, gpu: &Gpu, f: &CudaFunction, cfg: LaunchConfig) -> Result<(), CudaError> {
         let have_ck = 1i32;
         let mut l = gpu.stream.launch_builder(f);
-        self.inputs.iter_mut().for_each(|x| x.push(&mut l));
-        self.params.iter_mut().chain(self.init.iter_mut()).for_each(|x| { l.arg(x); });
-        self.gouts.iter_mut().for_each(|x| x.push(&mut l));
-        self.gfin.iter_mut().chain(self.ck.iter_mut()).for_each(|x| { l.arg(x); });
+        self.rev.push(&mut l);
         l.arg(&have_ck);
         self.din.iter_mut().for_each(|x| x.push(&mut l));
         self.dp.iter_mut().chain(self.dinit.iter_mut()).for_each(|x| { l.arg(x); });
@@ -201,20 +216,14 @@ impl ScanBuffers {
         let cfg = LaunchConfig { grid_dim: ((b * c).div_ceil(128) as u32, seg.nseg as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let nseg = seg.nseg as i32;
         let mut l = gpu.stream.launch_builder(summary);
-        self.inputs.iter_mut().for_each(|x| x.push(&mut l));
-        self.params.iter_mut().chain(self.init.iter_mut()).for_each(|x| { l.arg(x); });
-        self.gouts.iter_mut().for_each(|x| x.push(&mut l));
-        self.gfin.iter_mut().chain(self.ck.iter_mut()).for_each(|x| { l.arg(x); });
+        self.rev.push(&mut l);
         l.arg(&mut seg.a).arg(&mut seg.b).arg(&nseg);
         self.dims.iter().for_each(|d| { l.arg(d); });
         // SAFETY: the arguments follow the generated kernel's signature.
         unsafe { drv!(l.launch(cfg)) };
         drop(l);
         let mut l = gpu.stream.launch_builder(adjoint);
-        self.inputs.iter_mut().for_each(|x| x.push(&mut l));
-        self.params.iter_mut().chain(self.init.iter_mut()).for_each(|x| { l.arg(x); });
-        self.gouts.iter_mut().for_each(|x| x.push(&mut l));
-        self.gfin.iter_mut().chain(self.ck.iter_mut()).for_each(|x| { l.arg(x); });
+        self.rev.push(&mut l);
         l.arg(&seg.a).arg(&seg.b).arg(&nseg);
         self.din.iter_mut().for_each(|x| x.push(&mut l));
         seg.dp.iter_mut().chain(self.dinit.iter_mut()).for_each(|x| { l.arg(x); });
@@ -224,18 +233,12 @@ impl ScanBuffers {
         Ok(())
     }
 
-    /// The reverse scan's results on the host, named: input gradients, parameter gradients
-    /// per column, initial-state gradients.
-    fn results(&self, gpu: &Gpu) -> Result<Vec<(String, Vec<f32>)>, CudaError> {
-        let mut out = Vec::new();
-        for (k, x) in self.din.iter().enumerate() {
-            out.push((format!("input gradient {k}"), x.download(gpu)?));
-        }
-        for (k, x) in self.dp.iter().enumerate() {
-            out.push((format!("parameter gradient {k}"), drv!(gpu.stream.clone_dtoh(x))));
-        }
-        for (k, x) in self.dinit.iter().enumerate() {
-            out.push((format!("initial-state gradient {k}"), drv!(gpu.stream.clone_dtoh(x))));
+    /// The reverse scan's results on the host: input gradients, parameter gradients per
+    /// column, initial-state gradients.
+    fn results(&self, gpu: &Gpu) -> Result<Vec<Vec<f32>>, CudaError> {
+        let mut out = self.din.iter().map(|x| x.download(gpu)).collect::<Result<Vec<_>, _>>()?;
+        for x in self.dp.iter().chain(&self.dinit) {
+            out.push(drv!(gpu.stream.clone_dtoh(x)));
         }
         Ok(out)
     }
@@ -367,7 +370,7 @@ pub fn reverse_scan_disagreement(gpu: &Gpu, case: &ScanCase, token_scope: bool) 
     bufs.forward(gpu, &drv!(module.load_function("check_fwd")), scan_launch(None, cols), true)?;
     bufs.reverse(gpu, &drv!(module.load_function("check_ref")), scan_launch(None, cols))?;
     let reference = bufs.results(gpu)?;
-    let worst = |results: &[(String, Vec<f32>)]| -> f64 { reference.iter().zip(results).map(|((_, r), (_, x))| rel_l2(x, r)).fold(0.0, f64::max) };
+    let worst = |results: &[Vec<f32>]| -> f64 { reference.iter().zip(results).map(|(r, x)| rel_l2(x, r)).fold(0.0, f64::max) };
     let mut out = Vec::new();
     for (name, plan) in tiled {
         let f = drv!(module.load_function(&name));
@@ -379,11 +382,11 @@ pub fn reverse_scan_disagreement(gpu: &Gpu, case: &ScanCase, token_scope: bool) 
         let kernels = (drv!(module.load_function("check_summary")), drv!(module.load_function("check_segments")));
         let mut seg = SegmentBuffers::new(gpu, case)?;
         bufs.segmented_reverse(gpu, (&kernels.0, &kernels.1), &mut seg)?;
+        // Its parameter gradients are per segment: summed here, in place of the stale ones.
         let mut results = bufs.results(gpu)?;
-        let np = model.params.len();
         let ni = io.inputs.len();
-        for (k, summed) in seg.summed_params(gpu, cols)?.into_iter().enumerate().take(np) {
-            results[ni + k].1 = summed;
+        for (k, summed) in seg.summed_params(gpu, cols)?.into_iter().enumerate() {
+            results[ni + k] = summed;
         }
         out.push(("time-parallel (segments)".to_string(), worst(&results)));
     }

@@ -819,6 +819,39 @@ fn adjoint_work_bytes(states: usize, channels: usize) -> usize {
     5 * states * TILE_STEPS * channels * 4
 }
 
+/// The reverse scan's `cp.async` copies of tile `cx` into its raw stage: one loop over the
+/// 16-byte chunks of all its per-step tensors and then its checkpoint rows (`ck_rows`: pointer,
+/// offset in the stage), each of the `pt` worker threads taking every pt-th chunk (a chunk's
+/// tensor follows from its index). Commits one group, empty past the last tile.
+fn tile_copies(streamed: &[Streamed], ck_rows: &[(String, usize)], t: usize, l: usize, ns: usize, raw_stage: usize, pt: usize) -> String {
+    // (first chunk, chunks, the copy of chunk q of this tensor)
+    let mut arms: Vec<(usize, usize, String)> = Vec::new();
+    let mut first = 0;
+    for x in streamed {
+        let per_row = x.row_bytes / 16;
+        let copy = format!("const int r = q / {per_row}, k = q % {per_row}; if (s0 + r < S) sp_cp16(stg + {} + r * {} + k * 16, (const unsigned char*)({} + tile_base + (long long)(s0 + r) * C) + k * 16);", x.offset, x.row_bytes, x.ptr);
+        arms.push((first, l * per_row, copy));
+        first += l * per_row;
+    }
+    for (ptr, offset) in ck_rows {
+        let copy = format!("sp_cp16(stg + {offset} + q * 16, (const unsigned char*)({ptr} + ((long long)b * nck + tl) * C + c0) + q * 16);");
+        arms.push((first, t * 4 / 16, copy));
+        first += t * 4 / 16;
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "      if (cx < ntiles) {{");
+    let _ = writeln!(s, "        const int tl = ntiles - 1 - cx;\n        const int s0 = tl * {l};");
+    let _ = writeln!(s, "        unsigned char* stg = sp_smem + (cx % {ns}) * {raw_stage};");
+    let _ = writeln!(s, "        for (int i = pt; i < {first}; i += {pt}) {{");
+    for (k, (start, count, copy)) in arms.iter().enumerate() {
+        let els = if k == 0 { "" } else { "else " };
+        let cond = if k + 1 == arms.len() { String::new() } else { format!("if (i < {}) ", start + count) };
+        let _ = writeln!(s, "          {els}{cond}{{ const int q = i - {start}; {copy} }}");
+    }
+    let _ = writeln!(s, "        }}\n      }}\n      sp_cp_commit();");
+    s
+}
+
 /// The tiled reverse scan's plan with blocks of `channels` channels (one chain thread each;
 /// [`TILE_THREADS`] or [`NARROW_CHANNELS`]) for `c` channels, or None when it does not apply
 /// (the per-column kernel runs instead). Tiles are one checkpoint chunk; each raw stage also
@@ -872,7 +905,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     // Raw per-step tensors: inputs, then output gradients.
     let mut raw: Vec<(String, Elem)> = model.inputs.iter().map(|n| format!("in_{}", id(n))).zip(inputs.iter().copied()).collect();
     raw.extend((0..emit.len()).map(|k| format!("g_{k}")).zip(out_grads.iter().copied()));
-    let raw_names: Vec<String> = model.inputs.iter().map(|n| id(n)).chain(emit.iter().map(|o| id(&output_grad_name(o)))).collect();
+    let raw_names: Vec<String> = model.inputs.iter().cloned().chain(emit.iter().map(|o| output_grad_name(o))).collect();
     let (streamed, raw_rows) = stream_layout(&raw, l, t);
     // Each stage ends with the tile's checkpoints (one row of t floats per state).
     let raw_stage = raw_rows + nst * t * 4;
@@ -892,6 +925,16 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let sa_base = sv_base + 3 * sv_stage;
     if sa_base + 2 * sv_stage > plan.smem_bytes {
         return Err(format!("the tiled reverse scan of `{}` does not fit its plan's shared memory", model.name));
+    }
+    // Each channel's epilogue threads and their rows of a tile; their parameter-gradient sums
+    // meet in the raw stages at the end.
+    let workers = pt - t;
+    let per = workers / t;
+    if workers % t != 0 {
+        return Err(format!("the tiled reverse scan's {workers} epilogue threads do not split evenly over {t} channels"));
+    }
+    if model.params.len() * per * t * 8 > ns * raw_stage {
+        return Err(format!("the tiled reverse scan of `{}`: the parameter-gradient sums do not fit the raw stages", model.name));
     }
     // The per-column kernel's signature, with the launch bounds of a tiled block.
     let sig_end = per_column.find(") {").ok_or("unexpected kernel text")?;
@@ -915,8 +958,6 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     s.push_str(&checkpoint_pass(model, token_scope));
     let _ = writeln!(s, "  }}\n  __syncthreads();");
     // Each thread's channel and, for the workers past the first `t`, its rows of a tile.
-    let workers = pt - t;
-    debug_assert!(workers % t == 0);
     let _ = writeln!(s, "  const int ch = chain ? tid : (pt < {t} ? pt : (pt - {t}) % {t}), c = c0 + ch;");
     let _ = writeln!(s, "  const int row0 = pt < {t} ? 0 : (pt - {t}) / {t};");
     for n in &model.params {
@@ -928,39 +969,16 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
             let _ = writeln!(s, "  const float {} = {};", id(n), expr(e, &|v| id(v)));
         }
     }
-    // Copies of tile `cx` (recomputed at iteration cx - 1, its epilogue at cx + 1): one loop
-    // over the 16-byte chunks of all its tensors and checkpoints, each worker taking every
-    // pt-th chunk (the tensor of a chunk is known from its index).
-    let mut chunks: Vec<(String, usize, usize, bool)> = streamed.iter().map(|x| (x.ptr.clone(), x.row_bytes / 16, x.offset, true)).collect();
-    chunks.extend(model.state.iter().enumerate().map(|(k, st)| (format!("ck_{}", id(&st.name)), t * 4 / 16, raw_rows + k * t * 4, false)));
-    let mut issue = String::new();
-    let _ = writeln!(issue, "      if (cx < ntiles) {{");
-    let _ = writeln!(issue, "        const int tl = ntiles - 1 - cx;\n        const int s0 = tl * {l};");
-    let _ = writeln!(issue, "        unsigned char* stg = sp_smem + (cx % {ns}) * {raw_stage};");
-    let mut first = 0;
-    let mut arms = Vec::new();
-    for (ptr, per_row, offset, per_step) in &chunks {
-        let count = if *per_step { l * per_row } else { *per_row };
-        let copy = if *per_step {
-            format!("{{ const int r = q / {per_row}, k = q % {per_row}; if (s0 + r < S) sp_cp16(stg + {offset} + r * {} + k * 16, (const unsigned char*)({ptr} + tile_base + (long long)(s0 + r) * C) + k * 16); }}", per_row * 16)
-        } else {
-            format!("sp_cp16(stg + {offset} + q * 16, (const unsigned char*)({ptr} + ((long long)b * nck + tl) * C + c0) + q * 16);")
-        };
-        arms.push((first, count, copy));
-        first += count;
-    }
-    let _ = writeln!(issue, "        for (int i = pt; i < {first}; i += {pt}) {{");
-    for (k, (start, count, copy)) in arms.iter().enumerate() {
-        let cond = if k + 1 == arms.len() { String::new() } else { format!("if (i < {}) ", start + count) };
-        let els = if k == 0 { "" } else { "else " };
-        let _ = writeln!(issue, "          {els}{cond}{{ const int q = i - {start}; {copy} }}");
-    }
-    let _ = writeln!(issue, "        }}\n      }}\n      sp_cp_commit();");
-    let load_raw = |s: &mut String, indent: &str, j: &str| {
-        for (name, ((_, e), x)) in raw_names.iter().zip(raw.iter().zip(&streamed)) {
-            let _ = writeln!(s, "{indent}const float {name} = sp_ld((const {}*)(stg + {} + ({j}) * {}), ch);", e.c_type(), x.offset, x.row_bytes);
+    // Copies of tile `cx` (recomputed at iteration cx - 1, its epilogue at cx + 1).
+    let ck_rows: Vec<(String, usize)> = model.state.iter().enumerate().map(|(k, st)| (format!("ck_{}", id(&st.name)), raw_rows + k * t * 4)).collect();
+    let issue = tile_copies(&streamed, &ck_rows, t, l, ns, raw_stage, pt);
+    // Loads row `j` of the raw stage `stg` at channel `ch` (C expressions), the tensors `wanted`.
+    let load_raw_where = |s: &mut String, indent: &str, j: &str, ch: &str, wanted: &dyn Fn(&str) -> bool| {
+        for (name, ((_, e), x)) in raw_names.iter().zip(raw.iter().zip(&streamed)).filter(|(n, _)| wanted(n)) {
+            let _ = writeln!(s, "{indent}const float {} = sp_ld((const {}*)(stg + {} + ({j}) * {}), {ch});", id(name), e.c_type(), x.offset, x.row_bytes);
         }
     };
+    let load_raw = |s: &mut String, indent: &str, j: &str| load_raw_where(s, indent, j, "ch", &|_| true);
     // Opens the block of a piece working on tile `x` (an expression of `it`): its time
     // offset, raw stage and recomputed states.
     let head = |s: &mut String, x: &str| {
@@ -1014,10 +1032,8 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     recompute_step(&mut recompute, "j", false);
     let _ = writeln!(recompute, "        }}\n        }}");
     recompute.push_str(tail);
-    // The values the chain reads, for every element of tile it+1.
     // A worker's rows of a tile, unrolled (at most ⌈l / rows per channel⌉, predicated) so that
     // their loads and math interleave.
-    let per = workers / t;
     let rows = |s: &mut String| {
         let _ = writeln!(s, "        #pragma unroll\n        for (int k = 0; k < {}; ++k) {{", l.div_ceil(per));
         let _ = writeln!(s, "          const int j = row0 + k * {per};");
@@ -1062,11 +1078,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         for (k, st) in model.state.iter().enumerate() {
             let _ = writeln!(s, "        sa[{} + ({j}) * {t} + tid] = carry_{};", k * tile_floats, id(&st.name));
         }
-        for (name, ((_, e), x)) in raw_names.iter().zip(raw.iter().zip(&streamed)) {
-            if staged_vars.iter().any(|v| id(v) == *name) {
-                let _ = writeln!(s, "        const float {name} = sp_ld((const {}*)(stg + {} + ({j}) * {}), tid);", e.c_type(), x.offset, x.row_bytes);
-            }
-        }
+        load_raw_where(s, "        ", j, "tid", &|n| staged_vars.contains(n));
         for (k, st) in model.state.iter().enumerate() {
             if staged_vars.contains(&st.name) {
                 let _ = writeln!(s, "        const float {} = sv[{} + ({j}) * {t} + tid];", id(&st.name), k * tile_floats);
@@ -1142,9 +1154,6 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
             let _ = writeln!(s, "    dp_{}[col0 + tid] = (float)sum;\n    }}", id(n));
         }
         let _ = writeln!(s, "  }}");
-        if model.params.len() * per * t * 8 > ns * raw_stage {
-            return Err(format!("the tiled reverse scan of `{}`: the parameter-gradient sums do not fit the raw stages", model.name));
-        }
     }
     let _ = writeln!(s, "}}");
     Ok(s)
