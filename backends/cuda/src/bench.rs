@@ -233,6 +233,15 @@ impl ScanBuffers {
         Ok(())
     }
 
+    /// The forward scan's results on the host: emitted outputs, final states, checkpoints.
+    fn forward_results(&self, gpu: &Gpu) -> Result<Vec<Vec<f32>>, CudaError> {
+        let mut out = self.outs.iter().map(|x| x.download(gpu)).collect::<Result<Vec<_>, _>>()?;
+        for x in self.fins.iter().chain(&self.rev.ck) {
+            out.push(drv!(gpu.stream.clone_dtoh(x)));
+        }
+        Ok(out)
+    }
+
     /// The reverse scan's results on the host: input gradients, parameter gradients per
     /// column, initial-state gradients.
     fn results(&self, gpu: &Gpu) -> Result<Vec<Vec<f32>>, CudaError> {
@@ -341,15 +350,24 @@ pub fn time_scan(gpu: &Gpu, case: &ScanCase, iters: usize) -> Result<(ScanTiming
     Ok((ScanTiming { median_ms: fwd_ms, bytes: fwd_bytes }, ScanTiming { median_ms: bwd_ms, bytes: bwd_bytes }, segmented_ms))
 }
 
-/// How far the fast reverse scans of one case are from the one-thread-per-column kernel, on the
-/// same inputs and checkpoints: for the tiled kernel at each block width that applies and for
-/// the time-parallel one, the largest relative L2 difference over the results (input,
-/// parameter and initial-state gradients), named. `token_scope` restarts the state every K steps.
-pub fn reverse_scan_disagreement(gpu: &Gpu, case: &ScanCase, token_scope: bool) -> Result<Vec<(String, f64)>, CudaError> {
+/// How far the fast scans of one case are from the one-thread-per-column kernels, on the same
+/// inputs: the tiled forward at each block width that applies (outputs, final states and
+/// checkpoints), then, reading the same checkpoints, the tiled reverse scan at each block width
+/// and the time-parallel one (input, parameter and initial-state gradients). Each entry is the
+/// largest relative L2 difference over a kernel's results, named. `token_scope` restarts the
+/// state every K steps.
+pub fn scan_disagreement(gpu: &Gpu, case: &ScanCase, token_scope: bool) -> Result<Vec<(String, f64)>, CudaError> {
     let (model, emit, io) = (case.model, case.emit, &case.io);
     let cols = case.b * case.c;
     let mut src = String::from(codegen::PRELUDE);
     src.push_str(&scan_codegen::scan_forward_simple("check_fwd", model, emit, token_scope, io, scan_codegen::scan_unroll(model)));
+    let mut tiled_fwd = Vec::new();
+    let wide = scan_codegen::can_tile(model, case.c, io, gpu.max_smem).then(|| scan_codegen::tile_plan(model, io, gpu.max_smem));
+    for plan in wide.into_iter().chain(scan_codegen::narrow_tile_plan(model, case.c, io, gpu.max_smem)) {
+        let name = format!("check_fwd_{}", plan.channels);
+        src.push_str(&scan_codegen::scan_forward_tiled(&name, model, emit, token_scope, io, plan));
+        tiled_fwd.push((name, plan));
+    }
     let unsupported = |r: Result<String, String>| r.map_err(CudaError::Unsupported);
     src.push_str(&unsupported(scan_codegen::scan_adjoint_chunked("check_ref", model, emit, token_scope, &io.inputs, &io.outputs, &io.inputs))?);
     let mut tiled = Vec::new();
@@ -367,16 +385,28 @@ pub fn reverse_scan_disagreement(gpu: &Gpu, case: &ScanCase, token_scope: bool) 
     }
     let module = gpu.load_with(&src, case.fast)?;
     let mut bufs = ScanBuffers::new(gpu, case)?;
+    let mut out = Vec::new();
+    // The reference forward runs last, so that the reverse scans read its checkpoints.
+    let mut forwards = Vec::new();
+    for (name, plan) in &tiled_fwd {
+        let f = drv!(module.load_function(name));
+        set_smem(&f, Some(*plan))?;
+        bufs.forward(gpu, &f, scan_launch(Some(*plan), cols), true)?;
+        forwards.push((format!("tiled forward, {} channels per block", plan.channels), bufs.forward_results(gpu)?));
+    }
     bufs.forward(gpu, &drv!(module.load_function("check_fwd")), scan_launch(None, cols), true)?;
+    let reference = bufs.forward_results(gpu)?;
+    for (name, results) in forwards {
+        out.push((name, worst_rel_l2(&reference, &results)));
+    }
     bufs.reverse(gpu, &drv!(module.load_function("check_ref")), scan_launch(None, cols))?;
     let reference = bufs.results(gpu)?;
-    let worst = |results: &[Vec<f32>]| -> f64 { reference.iter().zip(results).map(|(r, x)| rel_l2(x, r)).fold(0.0, f64::max) };
-    let mut out = Vec::new();
+    let worst = |results: &[Vec<f32>]| worst_rel_l2(&reference, results);
     for (name, plan) in tiled {
         let f = drv!(module.load_function(&name));
         set_smem(&f, Some(plan))?;
         bufs.reverse(gpu, &f, scan_launch(Some(plan), cols))?;
-        out.push((format!("tiled, {} channels per block", plan.channels), worst(&bufs.results(gpu)?)));
+        out.push((format!("tiled reverse, {} channels per block", plan.channels), worst(&bufs.results(gpu)?)));
     }
     if segmented.is_some() {
         let kernels = (drv!(module.load_function("check_summary")), drv!(module.load_function("check_segments")));
@@ -388,9 +418,14 @@ pub fn reverse_scan_disagreement(gpu: &Gpu, case: &ScanCase, token_scope: bool) 
         for (k, summed) in seg.summed_params(gpu, cols)?.into_iter().enumerate() {
             results[ni + k] = summed;
         }
-        out.push(("time-parallel (segments)".to_string(), worst(&results)));
+        out.push(("time-parallel reverse (segments)".to_string(), worst(&results)));
     }
     Ok(out)
+}
+
+/// The largest [`rel_l2`] over pairs of result tensors.
+fn worst_rel_l2(reference: &[Vec<f32>], results: &[Vec<f32>]) -> f64 {
+    reference.iter().zip(results).map(|(r, x)| rel_l2(x, r)).fold(0.0, f64::max)
 }
 
 /// ‖a − b‖ / ‖b‖ (absolute where b is all zeros).

@@ -73,6 +73,12 @@ __device__ __forceinline__ float sp_sign(float x) { return x > 0.0f ? 1.0f : (x 
    rounded to nearest even (NaN stays NaN). */
 __device__ __forceinline__ float sp_ld(const float* p, long long i) { return p[i]; }
 __device__ __forceinline__ float sp_ld(const unsigned short* p, long long i) { return __uint_as_float(((unsigned int)p[i]) << 16); }
+/* Two adjacent elements (i even): one 32-bit load of a bf16 pair, one 64-bit load of f32s. */
+__device__ __forceinline__ float2 sp_ld2(const float* p, long long i) { return *(const float2*)(p + i); }
+__device__ __forceinline__ float2 sp_ld2(const unsigned short* p, long long i) {
+    const unsigned int u = *(const unsigned int*)(p + i);
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
 __device__ __forceinline__ unsigned short sp_bf16(float v) {
 #if __CUDA_ARCH__ >= 800
     /* One instruction where the hardware converts (the same rounding; NaN stays NaN). */

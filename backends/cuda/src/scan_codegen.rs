@@ -408,30 +408,53 @@ pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(s, "  const long long tile_base = (long long)b * S * C + c0;");
     let _ = writeln!(s, "  const int ntiles = (S + {l} - 1) / {l};");
     let issue = issue_copies(&streamed, "tt", "", "tt", ns, l, raw_stage, pt, "");
-    // The prologue of tile `tt`: every (step, channel) of the tile in parallel.
+    // The prologue of tile `tt`: each worker thread owns two adjacent channels (one load of a
+    // pair per input, one 64-bit store per staged value) and every `rows`-th step of the tile;
+    // its parameters and the lets of parameters alone sit in registers (`w0_*`, `w1_*`).
+    let (pairs, rows) = (t / 2, pt / (t / 2));
+    let pro_vars: std::collections::BTreeSet<String> = split.prologue.iter().chain(&split.constant).flat_map(|b| b.expr.vars()).collect();
+    let pro_params: Vec<&String> = model.params.iter().filter(|p| pro_vars.contains(*p)).collect();
+    let mut worker_regs = String::new();
+    let _ = writeln!(worker_regs, "  const int wt = tid < {t} ? 0 : tid - {t};");
+    let _ = writeln!(worker_regs, "  const int pc = 2 * (wt % {pairs}), pj = wt / {pairs};");
+    for h in 0..2 {
+        for n in &pro_params {
+            let _ = writeln!(worker_regs, "  const float w{h}_{0} = p_{0}[c0 + pc + {h}];", ident(n));
+        }
+        for b in &split.constant {
+            let _ = writeln!(worker_regs, "  const float w{h}_{} = {};", ident(&b.name), expr(&b.expr, &|v| format!("w{h}_{}", ident(v))));
+        }
+    }
     let mut pro = String::new();
     let _ = writeln!(pro, "      {{");
     let _ = writeln!(pro, "        const unsigned char* stg = sp_smem + (tt % {ns}) * {raw_stage};");
     let _ = writeln!(pro, "        float* pro = (float*)(sp_smem + {pro_base} + (tt & 1) * {pro_stage});");
-    let _ = writeln!(pro, "        for (int e = pt; e < {l} * {t}; e += {pt}) {{");
-    let _ = writeln!(pro, "          const int j = e / {t}, ch = e % {t};");
-    let _ = writeln!(pro, "          if (tt * {l} + j >= S) continue;");
-    let _ = writeln!(pro, "          const int c = c0 + ch;");
+    let _ = writeln!(pro, "        const int steps_here = min({l}, S - tt * {l});");
+    let _ = writeln!(pro, "        for (int j = pj; j < steps_here; j += {rows}) {{");
     for ((n, e), x) in model.inputs.iter().zip(&io.inputs).zip(&streamed) {
-        let _ = writeln!(pro, "          const float {0} = sp_ld((const {1}*)(stg + {2} + j * {3}), ch);", ident(n), e.c_type(), x.offset, x.row_bytes);
+        let _ = writeln!(pro, "          const float2 in2_{0} = sp_ld2((const {1}*)(stg + {2} + j * {3}), pc);", ident(n), e.c_type(), x.offset, x.row_bytes);
     }
-    let pro_vars: std::collections::BTreeSet<String> = split.prologue.iter().chain(&split.constant).flat_map(|b| b.expr.vars()).collect();
-    for n in model.params.iter().filter(|p| pro_vars.contains(*p)) {
-        let _ = writeln!(pro, "          const float {} = p_{}[c];", ident(n), ident(n));
+    for k in 0..split.staged.len() {
+        let _ = writeln!(pro, "          float2 st_{k};");
     }
-    for b in &split.constant {
-        let _ = writeln!(pro, "          const float {} = {};", ident(&b.name), expr(&b.expr, &|v| ident(v)));
+    for (h, lane) in ["x", "y"].iter().enumerate() {
+        let _ = writeln!(pro, "          {{");
+        for n in &model.inputs {
+            let _ = writeln!(pro, "            const float {0} = in2_{0}.{lane};", ident(n));
+        }
+        for n in pro_params.iter().copied().chain(split.constant.iter().map(|b| &b.name)) {
+            let _ = writeln!(pro, "            const float {0} = w{h}_{0};", ident(n));
+        }
+        for b in &split.prologue {
+            let _ = writeln!(pro, "            const float {} = {};", ident(&b.name), expr(&b.expr, &|v| ident(v)));
+        }
+        for (k, n) in split.staged.iter().enumerate() {
+            let _ = writeln!(pro, "            st_{k}.{lane} = {};", ident(n));
+        }
+        let _ = writeln!(pro, "          }}");
     }
-    for b in &split.prologue {
-        let _ = writeln!(pro, "          const float {} = {};", ident(&b.name), expr(&b.expr, &|v| ident(v)));
-    }
-    for (k, n) in split.staged.iter().enumerate() {
-        let _ = writeln!(pro, "          pro[{} + j * {t} + ch] = {};", k * l * t, ident(n));
+    for k in 0..split.staged.len() {
+        let _ = writeln!(pro, "          *(float2*)(pro + {} + j * {t} + pc) = st_{k};", k * l * t);
     }
     let _ = writeln!(pro, "        }}\n      }}");
     let wait_and_sync = format!("      sp_cp_wait<{}>();\n      asm volatile(\"bar.sync 1, {pt};\" ::: \"memory\");\n", ns - 1);
@@ -445,6 +468,7 @@ pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         let _ = writeln!(s, "    sp_cp_wait<{}>();\n  }}", ns - 2);
     } else {
         // Start: tiles 0..ns in flight, the prologue of tile 0.
+        s.push_str(&worker_regs);
         let _ = writeln!(s, "  if (!chain) {{");
         let _ = writeln!(s, "    for (int tt = 0; tt < {ns}; ++tt) {{\n{issue}    }}");
         let _ = writeln!(s, "{wait_and_sync}    {{\n      const int tt = 0;\n{pro}    }}");

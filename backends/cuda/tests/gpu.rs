@@ -382,17 +382,17 @@ fn resident_state_and_captured_steps_match_the_cpu() {
     assert!(bf16.executor().captured_step_nodes().unwrap().is_some(), "the one-token step was captured");
 }
 
-/// The fast reverse scans (tiled at both block widths, time-parallel) against the
-/// one-thread-per-column kernel on the same random inputs and checkpoints: the fused selective
+/// The fast scans (tiled forward and reverse at both block widths, time-parallel reverse)
+/// against the one-thread-per-column kernels on the same random inputs and checkpoints: the fused selective
 /// PLIF the 0.9B model trains with, and row-parameter PLIF, with last tiles cut short, with and
 /// without restarts at token boundaries. The training graphs above mostly take the
-/// time-parallel kernel at their small widths, so this is where the tiled one is checked.
+/// time-parallel kernel at their small widths, so this is where the tiled ones are checked.
 #[test]
-fn fast_reverse_scans_match_the_per_column_kernel() {
-    use sparkc_backend_cuda::bench::{reverse_scan_disagreement, ScanCase};
+fn fast_scans_match_the_per_column_kernels() {
+    use sparkc_backend_cuda::bench::{scan_disagreement, ScanCase};
     use sparkc_backend_cuda::codegen::Elem::{Bf16, F32};
     use sparkc_backend_cuda::scan_codegen::ScanIo;
-    let Some(gpu) = gpu_or_skip("fast_reverse_scans_match_the_per_column_kernel") else { return };
+    let Some(gpu) = gpu_or_skip("fast_scans_match_the_per_column_kernels") else { return };
     let fused = maybe_fused(build_graph(&NeuronSparkConfig::tiny(), &GraphOptions::default()).unwrap(), true);
     let selective = fused
         .g
@@ -414,13 +414,14 @@ fn fast_reverse_scans_match_the_per_column_kernel() {
     ];
     for (label, model, emit, io, range, b, s, k, c, fast, token) in cases {
         let case = ScanCase { model, emit, io, range, b, s, k, c, simple_unroll: None, fast };
-        let found = reverse_scan_disagreement(&gpu, &case, token).unwrap();
-        assert!(found.iter().any(|(kernel, _)| kernel.starts_with("tiled")), "{label}: no tiled kernel applies");
+        let found = scan_disagreement(&gpu, &case, token).unwrap();
+        assert!(found.iter().any(|(kernel, _)| kernel.starts_with("tiled reverse")), "{label}: no tiled reverse kernel applies");
+        assert!(!label.starts_with("fused") || found.iter().any(|(kernel, _)| kernel.starts_with("tiled forward")), "{label}: no tiled forward kernel applies");
         // bf16 gradients round once more where fast math contracts differently.
         let bar = if fast { 1e-2 } else { 1e-5 };
         for (kernel, diff) in found {
             println!("{label}: {kernel} differs by {diff:.2e}");
-            assert!(diff < bar, "{label}: the {kernel} reverse scan differs from the per-column one by {diff:e}");
+            assert!(diff < bar, "{label}: the {kernel} scan differs from the per-column one by {diff:e}");
         }
     }
 }
