@@ -92,10 +92,18 @@ __device__ __forceinline__ unsigned short sp_bf16(float v) {
 }
 __device__ __forceinline__ void sp_st(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void sp_st(unsigned short* p, long long i, float v) { p[i] = sp_bf16(v); }
+/* Two adjacent elements (i even): one 64-bit store of f32s, one 32-bit store of a bf16 pair. */
+__device__ __forceinline__ void sp_st2(float* p, long long i, float2 v) { *(float2*)(p + i) = v; }
+__device__ __forceinline__ void sp_st2(unsigned short* p, long long i, float2 v) {
+    *(unsigned int*)(p + i) = (unsigned int)sp_bf16(v.x) | ((unsigned int)sp_bf16(v.y) << 16);
+}
 /* cp.async: 16-byte global → shared copies that complete in groups (sm_80+). */
 __device__ __forceinline__ void sp_cp16(void* smem, const void* gmem) {
     unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void sp_cp16_at(unsigned int smem, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(smem), "l"(gmem));
 }
 __device__ __forceinline__ void sp_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void sp_cp_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }

@@ -318,27 +318,72 @@ fn stream_layout(tensors: &[(String, Elem)], l: usize, channels: usize) -> (Vec<
     (out, off)
 }
 
-/// The prologue threads' `cp.async` copies of one tile into its stage. `iter` is the C
-/// variable that counts tiles in the order they are consumed (its stage is `iter % stages`),
-/// `prelude` statements may define `tile`, the C expression of the tile's index in time. An
-/// empty group past the end keeps the wait counts uniform.
-#[allow(clippy::too_many_arguments)]
-fn issue_copies(streamed: &[Streamed], iter: &str, prelude: &str, tile: &str, stages: usize, l: usize, stage_bytes: usize, pt: usize, extra: &str) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "      if ({iter} < ntiles) {{");
-    s.push_str(prelude);
-    let _ = writeln!(s, "        unsigned char* stg = sp_smem + ({iter} % {stages}) * {stage_bytes};");
-    let _ = writeln!(s, "        const int s0 = {tile} * {l};");
-    for x in streamed {
-        let chunks = x.row_bytes / 16;
-        let _ = writeln!(s, "        for (int q = pt; q < {l} * {chunks}; q += {pt}) {{");
-        let _ = writeln!(s, "          const int r = q / {chunks}, ch = q % {chunks};");
-        let _ = writeln!(s, "          if (s0 + r < S) sp_cp16(stg + {} + r * {} + ch * 16, (const unsigned char*)({} + tile_base + (long long)(s0 + r) * C) + ch * 16);", x.offset, x.row_bytes, x.ptr);
-        let _ = writeln!(s, "        }}");
+/// How the worker threads of a tiled scan copy a tile's 16-byte chunks into its stage with
+/// `cp.async`: a thread owns the same chunks of every tile, so their sources, stage offsets and
+/// rows are worked out once (`setup`, at the kernel's start) and each copy of a tile costs one
+/// multiply-add and the copy (`issue`). Chunks are the rows of the per-step tensors, then one
+/// row of checkpoints per state (reverse scans).
+struct TileCopies {
+    setup: String,
+    slots: usize,
+    l: usize,
+    ns: usize,
+    stage_bytes: usize,
+}
+
+impl TileCopies {
+    /// `t` channels per block, `l` steps per tile, `pt` copying threads (those from `t` on),
+    /// stages of `stage_bytes`, `ns` of them.
+    fn new(streamed: &[Streamed], ck_rows: &[(String, usize)], t: usize, l: usize, pt: usize, ns: usize, stage_bytes: usize) -> TileCopies {
+        // (first chunk, chunks, the slot's source at tile 0, its step per tile, stage offset, row)
+        let mut arms: Vec<(usize, usize, String)> = Vec::new();
+        let mut first = 0;
+        for x in streamed {
+            let per_row = x.row_bytes / 16;
+            let arm = format!(
+                "const int r = q / {per_row}, k = q % {per_row}; src = (const unsigned char*)({ptr} + tile_base + (long long)r * C) + k * 16; step = {l} * C * {elem}; off = {} + r * {} + k * 16; row = r;",
+                x.offset,
+                x.row_bytes,
+                ptr = x.ptr,
+                elem = x.row_bytes / t
+            );
+            arms.push((first, l * per_row, arm));
+            first += l * per_row;
+        }
+        for (ptr, offset) in ck_rows {
+            let arm = format!("src = (const unsigned char*)({ptr} + (long long)b * nck * C + c0) + q * 16; step = C * 4; off = {offset} + q * 16; row = 0;");
+            arms.push((first, t * 4 / 16, arm));
+            first += t * 4 / 16;
+        }
+        let slots = first.div_ceil(pt);
+        let mut setup = String::new();
+        for m in 0..slots {
+            let _ = writeln!(setup, "  const unsigned char* cp_src_{m}; int cp_step_{m}, cp_off_{m}, cp_row_{m};");
+            let _ = writeln!(setup, "  {{
+    const unsigned char* src = nullptr; int step = 0, off = 0, row = 1 << 30;");
+            let _ = writeln!(setup, "    const int i = (tid < {t} ? 0 : tid - {t}) + {};", m * pt);
+            for (k, (start, count, arm)) in arms.iter().enumerate() {
+                let els = if k == 0 { "" } else { "else " };
+                let _ = writeln!(setup, "    {els}if (i < {}) {{ const int q = i - {start}; {arm} }}", start + count);
+            }
+            let _ = writeln!(setup, "    cp_src_{m} = src; cp_step_{m} = step; cp_off_{m} = off; cp_row_{m} = row;\n  }}");
+        }
+        TileCopies { setup, slots, l, ns, stage_bytes }
     }
-    s.push_str(extra);
-    let _ = writeln!(s, "      }}\n      sp_cp_commit();");
-    s
+
+    /// The copies of the tile at time index `tile`, consumed as the `iter`-th (its stage is
+    /// `iter % ns`), then the commit. An empty group past the end keeps the wait counts uniform.
+    fn issue(&self, iter: &str, tile: &str) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "      if ({iter} < ntiles) {{");
+        let _ = writeln!(s, "        const unsigned int stg = (unsigned int)__cvta_generic_to_shared(sp_smem) + ({iter} % {}) * {};", self.ns, self.stage_bytes);
+        let _ = writeln!(s, "        const int tile_at = {tile};");
+        for m in 0..self.slots {
+            let _ = writeln!(s, "        if (tile_at * {} + cp_row_{m} < S) sp_cp16_at(stg + cp_off_{m}, cp_src_{m} + (long long)tile_at * cp_step_{m});", self.l);
+        }
+        let _ = writeln!(s, "      }}\n      sp_cp_commit();");
+        s
+    }
 }
 
 /// Steps per unrolled group of the simple kernel: the loads of a group are issued before its
@@ -407,7 +452,9 @@ pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(s, "  const int b = (int)(col0 / C), c0 = (int)(col0 % C);");
     let _ = writeln!(s, "  const long long tile_base = (long long)b * S * C + c0;");
     let _ = writeln!(s, "  const int ntiles = (S + {l} - 1) / {l};");
-    let issue = issue_copies(&streamed, "tt", "", "tt", ns, l, raw_stage, pt, "");
+    let copies = TileCopies::new(&streamed, &[], t, l, pt, ns, raw_stage);
+    let issue = copies.issue("tt", "tt");
+    s.push_str(&copies.setup);
     // The prologue of tile `tt`: each worker thread owns two adjacent channels (one load of a
     // pair per input, one 64-bit store per staged value) and every `rows`-th step of the tile;
     // its parameters and the lets of parameters alone sit in registers (`w0_*`, `w1_*`).
@@ -838,42 +885,16 @@ fn adjoint_stages(raw_tile_bytes: usize) -> usize {
 }
 
 /// Shared memory of the tiled reverse scan besides its raw stages: the recomputed states
-/// (three tiles live: recompute, chain, epilogue) and the carried adjoints (two).
-fn adjoint_work_bytes(states: usize, channels: usize) -> usize {
-    5 * states * TILE_STEPS * channels * 4
+/// (three tiles live: recompute, chain, epilogue), the carried adjoints (two), and each
+/// epilogue thread's f64 parameter-gradient sums for its two channels (there, not in
+/// registers, which a 1,024-thread block has 64 of).
+fn adjoint_work_bytes(states: usize, params: usize, channels: usize) -> usize {
+    5 * states * TILE_STEPS * channels * 4 + params * 2 * epilogue_threads(channels) * 8
 }
 
-/// The reverse scan's `cp.async` copies of tile `cx` into its raw stage: one loop over the
-/// 16-byte chunks of all its per-step tensors and then its checkpoint rows (`ck_rows`: pointer,
-/// offset in the stage), each of the `pt` worker threads taking every pt-th chunk (a chunk's
-/// tensor follows from its index). Commits one group, empty past the last tile.
-fn tile_copies(streamed: &[Streamed], ck_rows: &[(String, usize)], t: usize, l: usize, ns: usize, raw_stage: usize, pt: usize) -> String {
-    // (first chunk, chunks, the copy of chunk q of this tensor)
-    let mut arms: Vec<(usize, usize, String)> = Vec::new();
-    let mut first = 0;
-    for x in streamed {
-        let per_row = x.row_bytes / 16;
-        let copy = format!("const int r = q / {per_row}, k = q % {per_row}; if (s0 + r < S) sp_cp16(stg + {} + r * {} + k * 16, (const unsigned char*)({} + tile_base + (long long)(s0 + r) * C) + k * 16);", x.offset, x.row_bytes, x.ptr);
-        arms.push((first, l * per_row, copy));
-        first += l * per_row;
-    }
-    for (ptr, offset) in ck_rows {
-        let copy = format!("sp_cp16(stg + {offset} + q * 16, (const unsigned char*)({ptr} + ((long long)b * nck + tl) * C + c0) + q * 16);");
-        arms.push((first, t * 4 / 16, copy));
-        first += t * 4 / 16;
-    }
-    let mut s = String::new();
-    let _ = writeln!(s, "      if (cx < ntiles) {{");
-    let _ = writeln!(s, "        const int tl = ntiles - 1 - cx;\n        const int s0 = tl * {l};");
-    let _ = writeln!(s, "        unsigned char* stg = sp_smem + (cx % {ns}) * {raw_stage};");
-    let _ = writeln!(s, "        for (int i = pt; i < {first}; i += {pt}) {{");
-    for (k, (start, count, copy)) in arms.iter().enumerate() {
-        let els = if k == 0 { "" } else { "else " };
-        let cond = if k + 1 == arms.len() { String::new() } else { format!("if (i < {}) ", start + count) };
-        let _ = writeln!(s, "          {els}{cond}{{ const int q = i - {start}; {copy} }}");
-    }
-    let _ = writeln!(s, "        }}\n      }}\n      sp_cp_commit();");
-    s
+/// Epilogue threads of a tiled reverse-scan block: all but the chain and recompute threads.
+fn epilogue_threads(channels: usize) -> usize {
+    TilePlan { steps: TILE_STEPS, stages: 0, smem_bytes: 0, channels }.block_threads() - 2 * channels
 }
 
 /// The tiled reverse scan's plan with blocks of `channels` channels (one chain thread each;
@@ -885,7 +906,7 @@ pub fn adjoint_tile_plan(model: &NeuronModel, emit: &[String], inputs: &[Elem], 
     split_adjoint(model, emit).ok()?;
     let raw_row: usize = inputs.iter().chain(out_grads).map(|e| e.bytes() * channels).sum();
     let raw_stage = TILE_STEPS * raw_row + model.state.len() * channels * 4;
-    let work = adjoint_work_bytes(model.state.len(), channels);
+    let work = adjoint_work_bytes(model.state.len(), model.params.len(), channels);
     let forced = std::env::var("SPARKC_ADJOINT_STAGES").ok().and_then(|v| v.parse::<usize>().ok()).filter(|s| (4..=16).contains(s));
     let wanted = forced.unwrap_or_else(|| adjoint_stages(TILE_STEPS * raw_row));
     let stages = (4..=wanted).rev().find(|s| s * raw_stage + work <= max_smem)?;
@@ -947,18 +968,17 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let sv_base = ns * raw_stage;
     let sv_stage = nst * tile_floats * 4;
     let sa_base = sv_base + 3 * sv_stage;
-    if sa_base + 2 * sv_stage > plan.smem_bytes {
+    let dacc_base = sa_base + 2 * sv_stage;
+    if dacc_base + model.params.len() * 2 * (pt - t) * 8 > plan.smem_bytes {
         return Err(format!("the tiled reverse scan of `{}` does not fit its plan's shared memory", model.name));
     }
-    // Each channel's epilogue threads and their rows of a tile; their parameter-gradient sums
-    // meet in the raw stages at the end.
+    // The epilogue threads: each owns two adjacent channels (loads and stores of pairs) and
+    // every `per`-th row of a tile; their parameter-gradient sums (f64, in shared memory at
+    // `dacc`, [param][channel of the pair][thread]) are added up per channel at the end.
     let workers = pt - t;
-    let per = workers / t;
-    if workers % t != 0 {
-        return Err(format!("the tiled reverse scan's {workers} epilogue threads do not split evenly over {t} channels"));
-    }
-    if model.params.len() * per * t * 8 > ns * raw_stage {
-        return Err(format!("the tiled reverse scan of `{}`: the parameter-gradient sums do not fit the raw stages", model.name));
+    let per = workers / (t / 2);
+    if workers % (t / 2) != 0 {
+        return Err(format!("the tiled reverse scan's {workers} epilogue threads do not split evenly over {} channel pairs", t / 2));
     }
     // The per-column kernel's signature, with the launch bounds of a tiled block.
     let sig_end = per_column.find(") {").ok_or("unexpected kernel text")?;
@@ -981,21 +1001,36 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     }
     s.push_str(&checkpoint_pass(model, token_scope));
     let _ = writeln!(s, "  }}\n  __syncthreads();");
-    // Each thread's channel and, for the workers past the first `t`, its rows of a tile.
-    let _ = writeln!(s, "  const int ch = chain ? tid : (pt < {t} ? pt : (pt - {t}) % {t}), c = c0 + ch;");
-    let _ = writeln!(s, "  const int row0 = pt < {t} ? 0 : (pt - {t}) / {t};");
+    // Each thread's channel (chain and recompute threads) or pair of channels from `pc`, and
+    // rows of a tile from `row0` (epilogue threads).
+    let _ = writeln!(s, "  const int wk = pt < {t} ? 0 : pt - {t};");
+    let _ = writeln!(s, "  const int pc = 2 * (wk % {}), row0 = wk / {};", t / 2, t / 2);
+    let _ = writeln!(s, "  const int ch = chain ? tid : (pt < {t} ? pt : pc), c = c0 + ch;");
     for n in &model.params {
         let _ = writeln!(s, "  const float {} = p_{}[c];", id(n), id(n));
     }
     let mut defined: std::collections::BTreeSet<&String> = model.params.iter().collect();
+    let mut per_channel_lets = Vec::new();
     for (n, e) in split.parallel.iter().chain(&epilogue).filter(|(n, _)| per_channel.contains(n)) {
         if defined.insert(n) {
             let _ = writeln!(s, "  const float {} = {};", id(n), expr(e, &|v| id(v)));
+            per_channel_lets.push((n, e));
+        }
+    }
+    // The same at an epilogue thread's two channels (`w0_*`, `w1_*`).
+    for h in 0..2 {
+        for n in &model.params {
+            let _ = writeln!(s, "  const float w{h}_{0} = p_{0}[c0 + pc + {h}];", id(n));
+        }
+        for (n, e) in &per_channel_lets {
+            let _ = writeln!(s, "  const float w{h}_{} = {};", id(n), expr(e, &|v| format!("w{h}_{}", id(v))));
         }
     }
     // Copies of tile `cx` (recomputed at iteration cx - 1, its epilogue at cx + 1).
     let ck_rows: Vec<(String, usize)> = model.state.iter().enumerate().map(|(k, st)| (format!("ck_{}", id(&st.name)), raw_rows + k * t * 4)).collect();
-    let issue = tile_copies(&streamed, &ck_rows, t, l, ns, raw_stage, pt);
+    let copies = TileCopies::new(&streamed, &ck_rows, t, l, pt, ns, raw_stage);
+    s.push_str(&copies.setup);
+    let issue = copies.issue("cx", "ntiles - 1 - cx");
     // Loads row `j` of the raw stage `stg` at channel `ch` (C expressions), the tensors `wanted`.
     let load_raw_where = |s: &mut String, indent: &str, j: &str, ch: &str, wanted: &dyn Fn(&str) -> bool| {
         for (name, ((_, e), x)) in raw_names.iter().zip(raw.iter().zip(&streamed)).filter(|(n, _)| wanted(n)) {
@@ -1056,33 +1091,50 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     recompute_step(&mut recompute, "j", false);
     let _ = writeln!(recompute, "        }}\n        }}");
     recompute.push_str(tail);
-    // A worker's rows of a tile, unrolled (at most ⌈l / rows per channel⌉, predicated) so that
-    // their loads and math interleave.
-    let rows = |s: &mut String| {
-        let _ = writeln!(s, "        #pragma unroll\n        for (int k = 0; k < {}; ++k) {{", l.div_ceil(per));
-        let _ = writeln!(s, "          const int j = row0 + k * {per};");
-        let _ = writeln!(s, "          if (j >= {l} || s0 + j >= S) continue;");
-        load_raw(s, "          ", "j");
-        for (k, st) in model.state.iter().enumerate() {
-            let _ = writeln!(s, "          const float {} = sv[{} + j * {t} + ch];", id(&st.name), k * tile_floats);
-        }
-    };
     // Epilogue of tile it-1: input gradients stored, parameter gradients summed per thread.
+    // A worker's rows are unrolled (at most ⌈l / per⌉, predicated) so that their loads and
+    // math interleave; each row is two channels, loaded and stored as pairs.
     let mut epi = String::new();
     head(&mut epi, "it - 1");
-    rows(&mut epi);
+    let _ = writeln!(epi, "        #pragma unroll\n        for (int k = 0; k < {}; ++k) {{", l.div_ceil(per));
+    let _ = writeln!(epi, "          const int j = row0 + k * {per};");
+    let _ = writeln!(epi, "          if (j >= {l} || s0 + j >= S) continue;");
+    for (name, ((_, e), x)) in raw_names.iter().zip(raw.iter().zip(&streamed)) {
+        let _ = writeln!(epi, "          const float2 r2_{} = sp_ld2((const {}*)(stg + {} + j * {}), pc);", id(name), e.c_type(), x.offset, x.row_bytes);
+    }
     for (k, st) in model.state.iter().enumerate() {
-        let _ = writeln!(epi, "          const float {} = sa[{} + j * {t} + ch];", id(&state_grad_name(&st.name)), k * tile_floats);
+        let _ = writeln!(epi, "          const float2 s2_{} = *(const float2*)(sv + {} + j * {t} + pc);", id(&st.name), k * tile_floats);
+        let _ = writeln!(epi, "          const float2 a2_{} = *(const float2*)(sa + {} + j * {t} + pc);", id(&st.name), k * tile_floats);
     }
-    for (n, e) in epilogue.iter().filter(|(n, _)| !per_channel.contains(n)) {
-        let _ = writeln!(epi, "          const float {} = {};", id(n), expr(e, &|v| id(v)));
+    for n in &model.inputs {
+        let _ = writeln!(epi, "          float2 g2_{};", id(n));
     }
-    let _ = writeln!(epi, "          const long long at = tile_base + (long long)(s0 + j) * C + ch;");
-    for (n, g) in model.inputs.iter().zip(&split.step.input_grads) {
-        let _ = writeln!(epi, "          sp_st(din_{}, at, {});", id(n), id(g));
+    for (h, lane) in ["x", "y"].iter().enumerate() {
+        let _ = writeln!(epi, "          {{");
+        for name in &raw_names {
+            let _ = writeln!(epi, "            const float {0} = r2_{0}.{lane};", id(name));
+        }
+        for st in &model.state {
+            let _ = writeln!(epi, "            const float {0} = s2_{0}.{lane};", id(&st.name));
+            let _ = writeln!(epi, "            const float {} = a2_{}.{lane};", id(&state_grad_name(&st.name)), id(&st.name));
+        }
+        for n in model.params.iter().chain(per_channel_lets.iter().map(|(n, _)| *n)) {
+            let _ = writeln!(epi, "            const float {0} = w{h}_{0};", id(n));
+        }
+        for (n, e) in epilogue.iter().filter(|(n, _)| !per_channel.contains(n)) {
+            let _ = writeln!(epi, "            const float {} = {};", id(n), expr(e, &|v| id(v)));
+        }
+        for (n, g) in model.inputs.iter().zip(&split.step.input_grads) {
+            let _ = writeln!(epi, "            g2_{}.{lane} = {};", id(n), id(g));
+        }
+        for (n, g) in model.params.iter().zip(&split.step.param_grads) {
+            let _ = writeln!(epi, "            tacc{h}_{} += {};", id(n), id(g));
+        }
+        let _ = writeln!(epi, "          }}");
     }
-    for (n, g) in model.params.iter().zip(&split.step.param_grads) {
-        let _ = writeln!(epi, "          tacc_{} += {};", id(n), id(g));
+    let _ = writeln!(epi, "          const long long at = tile_base + (long long)(s0 + j) * C + pc;");
+    for n in &model.inputs {
+        let _ = writeln!(epi, "          sp_st2(din_{0}, at, g2_{0});", id(n));
     }
     let _ = writeln!(epi, "        }}");
     epi.push_str(tail);
@@ -1140,9 +1192,12 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     for st in &model.state {
         let _ = writeln!(s, "  float carry_{0} = chain ? gf_{0}[col0 + tid] : 0.0f;", id(&st.name));
     }
-    for n in &model.params {
-        let _ = writeln!(s, "  double acc_{} = 0.0;", id(n));
+    let _ = writeln!(s, "  double* dacc = (double*)(sp_smem + {dacc_base});");
+    let _ = writeln!(s, "  if (pt >= {t}) {{");
+    for k in 0..2 * model.params.len() {
+        let _ = writeln!(s, "    dacc[{} + wk] = 0.0;", k * workers);
     }
+    let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "  if (!chain) {{");
     let _ = writeln!(s, "    for (int cx = 0; cx < {lead}; ++cx) {{\n{issue}    }}\n  }}");
     let _ = writeln!(s, "  for (int it = -1; it <= ntiles; ++it) {{");
@@ -1152,11 +1207,11 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(s, "      if (pt < {t}) {{\n{recompute}      }} else {{");
     // Parameter gradients: a float sum per tile, added to the thread's double total.
     for n in &model.params {
-        let _ = writeln!(s, "      float tacc_{} = 0.0f;", id(n));
+        let _ = writeln!(s, "      float tacc0_{0} = 0.0f, tacc1_{0} = 0.0f;", id(n));
     }
     let _ = writeln!(s, "{epi}");
-    for n in &model.params {
-        let _ = writeln!(s, "      acc_{0} += (double)tacc_{0};", id(n));
+    for (k, n) in model.params.iter().enumerate() {
+        let _ = writeln!(s, "      dacc[{} + wk] += (double)tacc0_{};\n      dacc[{} + wk] += (double)tacc1_{};", 2 * k * workers, id(n), (2 * k + 1) * workers, id(n));
     }
     let _ = writeln!(s, "      }}\n    }}\n    __syncthreads();\n  }}");
     // Results: the initial-state adjoints from the chain; the parameter gradients summed over
@@ -1167,14 +1222,10 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     }
     let _ = writeln!(s, "  }}");
     if !model.params.is_empty() {
-        let _ = writeln!(s, "  sp_cp_wait<0>();\n  double* red = (double*)sp_smem;");
-        let _ = writeln!(s, "  if (!chain && pt >= {t}) {{");
+        // Channel `tid` is lane tid % 2 of the pair tid / 2, in each of the `per` rows.
+        let _ = writeln!(s, "  __syncthreads();\n  if (chain) {{");
         for (k, n) in model.params.iter().enumerate() {
-            let _ = writeln!(s, "    red[({k} * {per} + row0) * {t} + ch] = acc_{};", id(n));
-        }
-        let _ = writeln!(s, "  }}\n  __syncthreads();\n  if (chain) {{");
-        for (k, n) in model.params.iter().enumerate() {
-            let _ = writeln!(s, "    {{\n    double sum = 0.0;\n    for (int r = 0; r < {per}; ++r) sum += red[({k} * {per} + r) * {t} + tid];");
+            let _ = writeln!(s, "    {{\n    double sum = 0.0;\n    for (int r = 0; r < {per}; ++r) sum += dacc[({} + tid % 2) * {workers} + r * {} + tid / 2];", 2 * k, t / 2);
             let _ = writeln!(s, "    dp_{}[col0 + tid] = (float)sum;\n    }}", id(n));
         }
         let _ = writeln!(s, "  }}");
@@ -1205,7 +1256,7 @@ mod tests {
             eprintln!("{tiled}");
         }
         assert!(tiled.contains("const unsigned short* __restrict__ in_v_x"), "{tiled}");
-        assert!(tiled.contains("sp_cp16("), "{tiled}");
+        assert!(tiled.contains("sp_cp16_at("), "{tiled}");
         let adj = scan_adjoint_chunked("plif_bwd", &m, &emit, true, &[Elem::F32], &[Elem::Bf16], &[Elem::Bf16]).unwrap();
         assert!(adj.contains("unsigned short* __restrict__ din_v_x"), "{adj}");
         assert!(adj.contains("step % K == 0"), "{adj}");
