@@ -64,9 +64,12 @@ pub const PRELUDE: &str = r#"
 /* bf16 programs: hardware exp/log/reciprocal (their storage rounds far more than these). */
 __device__ __forceinline__ float sp_sigmoid(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
 __device__ __forceinline__ float sp_softplus(float x) { return x > 20.0f ? x : __logf(1.0f + __expf(x)); }
+__device__ __forceinline__ float sp_fma(float a, float b, float c) { return fmaf(a, b, c); }
 #else
 __device__ __forceinline__ float sp_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 __device__ __forceinline__ float sp_softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+/* Exact programs round the product and the sum apart, as the CPU oracle does. */
+__device__ __forceinline__ float sp_fma(float a, float b, float c) { return a * b + c; }
 #endif
 __device__ __forceinline__ float sp_sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
 /* Loads and stores by storage type; arithmetic is f32. bf16 is stored as its bit pattern and
@@ -252,10 +255,31 @@ pub(crate) fn forward_step_given(model: &NeuronModel, emit: &[String], given: &B
         cur.insert(st.name.clone(), ident(&st.name));
     }
     let mut fresh = 0;
+    // Names whose value depends on the state (the sequential path of a scan).
+    let mut dependent: BTreeSet<String> = model.state.iter().map(|st| st.name.clone()).collect();
     let mut bind = |s: &mut String, cur: &mut BTreeMap<String, String>, name: &str, e: &Expr| {
         let c = format!("t{fresh}");
         fresh += 1;
-        let code = expr(e, &|v| cur.get(v).cloned().unwrap_or_else(|| ident(v)));
+        let on_chain = |e: &Expr| e.vars().iter().any(|v| dependent.contains(v));
+        let code = match e {
+            // a·s + b with only a·s on the state's path: one fused multiply-add after b is
+            // ready, not a multiply and then an add on the path (fast math lets the compiler
+            // fuse either product, and it may pick b's).
+            Expr::Bin(BinOp::Add, l, r) if on_chain(l) != on_chain(r) => {
+                let (prod, rest) = if on_chain(l) { (l, r) } else { (r, l) };
+                match &**prod {
+                    Expr::Bin(BinOp::Mul, a, b) => {
+                        let name = |v: &str| cur.get(v).cloned().unwrap_or_else(|| ident(v));
+                        format!("sp_fma({}, {}, {})", expr(a, &name), expr(b, &name), expr(rest, &name))
+                    }
+                    _ => expr(e, &|v| cur.get(v).cloned().unwrap_or_else(|| ident(v))),
+                }
+            }
+            _ => expr(e, &|v| cur.get(v).cloned().unwrap_or_else(|| ident(v))),
+        };
+        if on_chain(e) {
+            dependent.insert(name.to_string());
+        }
         let _ = writeln!(s, "      const float {c} = {code};");
         cur.insert(name.to_string(), c);
     };
