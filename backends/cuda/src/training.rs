@@ -133,7 +133,8 @@ impl GpuProgram {
             // writes p, m, v and the copy, which nothing else uses during the launch.
             unsafe { drv!(b.launch(grid(n))) };
         }
-        drv!(st.synchronize());
+        // No wait here: the next step's work queues behind the update on the same stream, and
+        // the host prepares the next batch meanwhile.
         Ok(())
     }
 
