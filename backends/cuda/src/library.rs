@@ -103,13 +103,44 @@ __device__ double sp_team_sum(double v) {
     for (int w = 0; w < (int)(blockDim.x / 32); ++w) t += part[w];
     return t;
 }
+/* float4s per lane of the row kernels' register paths: rows up to 1,024 floats. */
+#define RMS_LANE_VECS 8
 #define ROW_TEAM(r, rows) const long long r = blockIdx.x * (long long)blockDim.y + threadIdx.y; const int lane = threadIdx.x, team = blockDim.x; if (r >= (rows)) return;
 
-/* x / sqrt(mean(x^2) + eps) * w. */
+/* x / sqrt(mean(x^2) + eps) * w. A warp's row of up to 1,024 floats (a multiple of 4) is
+   loaded whole into registers as float4s before any use, and summed in f32 per lane, f64
+   across the warp: one trip to memory per row, not one per few columns. */
 extern "C" __global__ void sp_rms_norm(float* out, const float* x, const float* w, long long rows, int d, double eps) {
     ROW_TEAM(r, rows)
     const float* xr = x + r * d;
     float* yr = out + r * d;
+    if (team == 32 && d % 4 == 0 && d <= 32 * 4 * RMS_LANE_VECS) {
+        const int nv = d / 4;
+        const float4* x4 = (const float4*)xr;
+        float4 xv[RMS_LANE_VECS];
+        float ss = 0.0f;
+#pragma unroll
+        for (int k = 0; k < RMS_LANE_VECS; ++k) {
+            const int j = lane + 32 * k;
+            if (j < nv) xv[k] = x4[j];
+        }
+#pragma unroll
+        for (int k = 0; k < RMS_LANE_VECS; ++k) {
+            if (lane + 32 * k < nv) ss += xv[k].x * xv[k].x + xv[k].y * xv[k].y + xv[k].z * xv[k].z + xv[k].w * xv[k].w;
+        }
+        const float inv = (float)(1.0 / sqrt(sp_team_sum((double)ss) / d + eps));
+        const float4* w4 = (const float4*)w;
+        float4* y4 = (float4*)yr;
+#pragma unroll
+        for (int k = 0; k < RMS_LANE_VECS; ++k) {
+            const int j = lane + 32 * k;
+            if (j < nv) {
+                const float4 a = xv[k], g = w4[j];
+                y4[j] = make_float4(a.x * inv * g.x, a.y * inv * g.y, a.z * inv * g.z, a.w * inv * g.w);
+            }
+        }
+        return;
+    }
     double acc = 0.0;
 #pragma unroll 4
     for (int j = lane; j < d; j += team) acc += (double)xr[j] * (double)xr[j];
@@ -320,44 +351,61 @@ extern "C" __global__ void sp_rms_norm_grad(float* dx, float* dw_rows, const flo
     }
 }
 
-/* sp_rms_norm_grad for d <= 32 * RMS_LANE_COLS, without the per-row dw: a block of 8 warps walks
-   rows with a stride (one warp per row), each lane keeps its columns' dw in registers, and the
-   block's sum goes to dw_partial[block * d + j] (sp_sum_chunks adds the blocks in a fixed
-   order). Saves writing and re-reading a [rows, d] tensor. */
-#define RMS_LANE_COLS 32
-extern "C" __global__ void __launch_bounds__(256) sp_rms_norm_grad_blocks(float* dx, double* dw_partial, const float* dy, const float* x, const float* w, long long rows, int d, double eps) {
-    __shared__ float red[8][32 * RMS_LANE_COLS];
-    const int lane = threadIdx.x, warp = threadIdx.y;
-    float dw[RMS_LANE_COLS];
+/* sp_rms_norm_grad for rows of d <= 1024 floats, d a multiple of 4, without the per-row dw: a
+   block of 8 warps walks rows with a stride (one warp per row). A lane loads its float4s of x
+   and dy once, all before any use (up to 16 16-byte loads in flight per lane: the kernel waits
+   on memory, not on instructions), sums x² and dy·w·x in f32 over its own columns and in f64
+   across the warp, writes dx from the registers, and adds its columns' dw into its warp's row
+   of shared memory (in registers they would spill); the block's sum goes to
+   dw_partial[block * d + j] (sp_sum_chunks adds the blocks in a fixed order). */
+extern "C" __global__ void __launch_bounds__(256, 2) sp_rms_norm_grad_blocks(float* dx, double* dw_partial, const float* dy, const float* x, const float* w, long long rows, int d, double eps) {
+    __shared__ float red[8][32 * 4 * RMS_LANE_VECS];
+    const int lane = threadIdx.x, warp = threadIdx.y, nv = d / 4;
+    const float4* w4 = (const float4*)w;
+    float4* dw = (float4*)red[warp];
 #pragma unroll
-    for (int k = 0; k < RMS_LANE_COLS; ++k) dw[k] = 0.0f;
+    for (int k = 0; k < RMS_LANE_VECS; ++k) dw[lane + 32 * k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     for (long long r = blockIdx.x * 8LL + warp; r < rows; r += gridDim.x * 8LL) {
-        const long long off = r * d;
-        double ss = 0.0, gx = 0.0;
+        const float4* x4 = (const float4*)(x + r * d);
+        const float4* g4 = (const float4*)(dy + r * d);
+        float4 xv[RMS_LANE_VECS], gv[RMS_LANE_VECS];
 #pragma unroll
-        for (int k = 0; k < RMS_LANE_COLS; ++k) {
+        for (int k = 0; k < RMS_LANE_VECS; ++k) {
             const int j = lane + 32 * k;
-            if (j < d) {
-                double xv = x[off + j];
-                ss += xv * xv;
-                gx += (double)dy[off + j] * (double)w[j] * xv;
+            if (j < nv) {
+                xv[k] = x4[j];
+                gv[k] = g4[j];
             }
         }
-        ss = sp_team_sum(ss);
-        gx = sp_team_sum(gx);
-        const double rr = 1.0 / sqrt(ss / d + eps);
+        float ss = 0.0f, gx = 0.0f;
 #pragma unroll
-        for (int k = 0; k < RMS_LANE_COLS; ++k) {
+        for (int k = 0; k < RMS_LANE_VECS; ++k) {
             const int j = lane + 32 * k;
-            if (j < d) {
-                const double xv = x[off + j], g = dy[off + j];
-                dx[off + j] = (float)(rr * g * (double)w[j] - xv * rr * rr * rr * gx / d);
-                dw[k] += (float)(g * xv * rr);
+            if (j < nv) {
+                const float4 a = xv[k], g = gv[k], wv = w4[j];
+                ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+                gx += g.x * wv.x * a.x + g.y * wv.y * a.y + g.z * wv.z * a.z + g.w * wv.w * a.w;
+            }
+        }
+        const double sst = sp_team_sum((double)ss), gxt = sp_team_sum((double)gx);
+        const double rr = 1.0 / sqrt(sst / d + eps);
+        const float rf = (float)rr, cf = (float)(rr * rr * rr * gxt / d);
+        float4* dx4 = (float4*)(dx + r * d);
+#pragma unroll
+        for (int k = 0; k < RMS_LANE_VECS; ++k) {
+            const int j = lane + 32 * k;
+            if (j < nv) {
+                const float4 a = xv[k], g = gv[k], wv = w4[j];
+                dx4[j] = make_float4(rf * g.x * wv.x - a.x * cf, rf * g.y * wv.y - a.y * cf, rf * g.z * wv.z - a.z * cf, rf * g.w * wv.w - a.w * cf);
+                float4 acc = dw[j];
+                acc.x += g.x * a.x * rf;
+                acc.y += g.y * a.y * rf;
+                acc.z += g.z * a.z * rf;
+                acc.w += g.w * a.w * rf;
+                dw[j] = acc;
             }
         }
     }
-#pragma unroll
-    for (int k = 0; k < RMS_LANE_COLS; ++k) red[warp][lane + 32 * k] = dw[k];
     __syncthreads();
     for (int j = warp * 32 + lane; j < d; j += 256) {
         double acc = 0.0;

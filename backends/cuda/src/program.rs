@@ -238,7 +238,7 @@ const FEW_ROWS: usize = 2048;
 
 /// The team of threads per row of the library's row kernels (`ROW_TEAM`): a warp per row, eight
 /// rows per block, when there are many rows; a 256-thread block per row when there are few.
-/// The widest rows `sp_rms_norm_grad_blocks` takes (32 lanes × RMS_LANE_COLS).
+/// The widest rows `sp_rms_norm_grad_blocks` takes (32 lanes × RMS_LANE_VECS float4s).
 const RMS_GRAD_BLOCK_COLS: usize = 32 * 32;
 
 fn row_teams(rows: usize) -> LaunchConfig {
@@ -1545,7 +1545,7 @@ impl GpuProgram {
                 let mut dw = self.alloc(d)?;
                 let di = d as i32;
                 let rr = r as i64;
-                if d <= RMS_GRAD_BLOCK_COLS {
+                if d <= RMS_GRAD_BLOCK_COLS && d % 4 == 0 {
                     // Two blocks per SM, each summing its rows' dw.
                     let blocks = (2 * self.gpu.sms).min(r.div_ceil(8)).max(1);
                     // SAFETY: every block writes its d partial sums.

@@ -409,14 +409,14 @@ fn fast_scans_match_the_per_column_kernels() {
         ("fused selective, bf16", &selective, &vpost, ScanIo { inputs: bf16_in, outputs: vec![Bf16] }, (-1.0, 1.0), 2, 1000, 16, 256, true, false),
         ("fused selective, bf16, token restarts", &selective, &vpost, ScanIo { inputs: vec![Bf16; selective.inputs.len()], outputs: vec![Bf16] }, (-1.0, 1.0), 1, 203, 7, 128, true, true),
         ("selective, f32", &unfused, &vpost, ScanIo { inputs: vec![F32; 3], outputs: vec![F32] }, (0.05, 0.95), 2, 517, 11, 256, false, false),
-        ("PLIF row-param, bf16, token restarts", &plif, &leak, ScanIo { inputs: vec![Bf16], outputs: vec![Bf16] }, (-1.0, 1.0), 2, 333, 9, 192, true, true),
+        ("PLIF row-param, bf16, token restarts", &plif, &leak, ScanIo { inputs: vec![Bf16], outputs: vec![Bf16] }, (-1.0, 1.0), 2, 333, 9, 256, true, true),
         ("PLIF row-param, f32 in, bf16 out", &plif, &leak, ScanIo { inputs: vec![F32], outputs: vec![Bf16] }, (-1.0, 1.0), 3, 64, 16, 64, true, false),
     ];
     for (label, model, emit, io, range, b, s, k, c, fast, token) in cases {
         let case = ScanCase { model, emit, io, range, b, s, k, c, simple_unroll: None, fast };
         let found = scan_disagreement(&gpu, &case, token).unwrap();
         assert!(found.iter().any(|(kernel, _)| kernel.starts_with("tiled reverse")), "{label}: no tiled reverse kernel applies");
-        assert!(!label.starts_with("fused") || found.iter().any(|(kernel, _)| kernel.starts_with("tiled forward")), "{label}: no tiled forward kernel applies");
+        assert!(c % 128 != 0 || found.iter().any(|(kernel, _)| kernel.starts_with("tiled forward")), "{label}: no tiled forward kernel applies");
         // bf16 gradients round once more where fast math contracts differently.
         let bar = if fast { 1e-2 } else { 1e-5 };
         for (kernel, diff) in found {
