@@ -98,7 +98,14 @@ __device__ __forceinline__ void sp_st(unsigned short* p, long long i, float v) {
 /* Two adjacent elements (i even): one 64-bit store of f32s, one 32-bit store of a bf16 pair. */
 __device__ __forceinline__ void sp_st2(float* p, long long i, float2 v) { *(float2*)(p + i) = v; }
 __device__ __forceinline__ void sp_st2(unsigned short* p, long long i, float2 v) {
+#if __CUDA_ARCH__ >= 800
+    /* Both halves rounded by one instruction (the same rounding as sp_bf16). */
+    unsigned int u;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u) : "f"(v.y), "f"(v.x));
+    *(unsigned int*)(p + i) = u;
+#else
     *(unsigned int*)(p + i) = (unsigned int)sp_bf16(v.x) | ((unsigned int)sp_bf16(v.y) << 16);
+#endif
 }
 /* cp.async: 16-byte global → shared copies that complete in groups (sm_80+). */
 __device__ __forceinline__ void sp_cp16(void* smem, const void* gmem) {

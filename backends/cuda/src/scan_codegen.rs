@@ -877,6 +877,43 @@ fn hoist(e: &Expr, dependent: &std::collections::BTreeSet<String>, taken: &std::
     }
 }
 
+/// Bindings of parameters only (β = σ(w)) are per-channel constants of a reverse scan:
+/// computed once per thread, not per element.
+fn per_channel_names(model: &NeuronModel, split: &AdjointSplit) -> std::collections::BTreeSet<String> {
+    let mut per_channel: std::collections::BTreeSet<String> = model.params.iter().cloned().collect();
+    for (n, e) in split.parallel.iter().chain(&epilogue_bindings(&split.step)) {
+        if e.vars().iter().all(|v| per_channel.contains(v)) {
+            per_channel.insert(n.clone());
+        }
+    }
+    per_channel
+}
+
+/// The values the tiled reverse scan's chain computes from a step's inputs (σ(·) of an input,
+/// say) that the epilogue needs again: the chain keeps them in shared memory for it, so the
+/// epilogue neither recomputes them nor loads their inputs.
+fn chain_stash(model: &NeuronModel, split: &AdjointSplit) -> Vec<(String, Expr)> {
+    let per_channel = per_channel_names(model, split);
+    let staged: Vec<String> = split.staged.iter().filter(|n| !per_channel.contains(*n)).cloned().collect();
+    let epilogue = epilogue_bindings(&split.step);
+    closure(&split.parallel, &staged)
+        .into_iter()
+        .filter(|(n, e)| !per_channel.contains(n) && !matches!(e, Expr::Var(_) | Expr::Const(_)) && epilogue.iter().any(|(m, _)| m == n))
+        .collect()
+}
+
+/// `e` with every subexpression equal to a stashed value's expression replaced by its name.
+fn with_stashed(e: &Expr, stash: &[(String, Expr)]) -> Expr {
+    if let Some((n, _)) = stash.iter().find(|(_, x)| x == e) {
+        return Expr::Var(n.clone());
+    }
+    match e {
+        Expr::Un(op, a) => Expr::Un(*op, Box::new(with_stashed(a, stash))),
+        Expr::Bin(op, a, b) => Expr::Bin(*op, Box::new(with_stashed(a, stash)), Box::new(with_stashed(b, stash))),
+        _ => e.clone(),
+    }
+}
+
 /// Raw-input stages of the reverse scan. A tile's raw stage lives from its copy to its
 /// epilogue, three iterations (recompute, chain, epilogue) plus the copies in flight, so
 /// `stages - 3` tiles are in flight; more hide more of the memory latency.
@@ -903,10 +940,10 @@ fn epilogue_threads(channels: usize) -> usize {
 /// holds the tile's checkpoints. Stages are cut to what fits, down to four (one tile in
 /// flight). `SPARKC_ADJOINT_STAGES` overrides them, for tuning.
 pub fn adjoint_tile_plan(model: &NeuronModel, emit: &[String], inputs: &[Elem], out_grads: &[Elem], c: usize, channels: usize, max_smem: usize) -> Option<TilePlan> {
-    split_adjoint(model, emit).ok()?;
+    let split = split_adjoint(model, emit).ok()?;
     let raw_row: usize = inputs.iter().chain(out_grads).map(|e| e.bytes() * channels).sum();
     let raw_stage = TILE_STEPS * raw_row + model.state.len() * channels * 4;
-    let work = adjoint_work_bytes(model.state.len(), model.params.len(), channels);
+    let work = adjoint_work_bytes(model.state.len(), model.params.len(), channels) + 2 * chain_stash(model, &split).len() * TILE_STEPS * channels * 4;
     let forced = std::env::var("SPARKC_ADJOINT_STAGES").ok().and_then(|v| v.parse::<usize>().ok()).filter(|s| (4..=16).contains(s));
     let wanted = forced.unwrap_or_else(|| adjoint_stages(TILE_STEPS * raw_row));
     let stages = (4..=wanted).rev().find(|s| s * raw_stage + work <= max_smem)?;
@@ -954,22 +991,19 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let (streamed, raw_rows) = stream_layout(&raw, l, t);
     // Each stage ends with the tile's checkpoints (one row of t floats per state).
     let raw_stage = raw_rows + nst * t * 4;
-    // Bindings of parameters only (β = σ(w)) are per-channel constants: computed once per
-    // thread, not per element.
-    let mut per_channel: std::collections::BTreeSet<String> = model.params.iter().cloned().collect();
-    for (n, e) in split.parallel.iter().chain(&epilogue) {
-        if e.vars().iter().all(|v| per_channel.contains(v)) {
-            per_channel.insert(n.clone());
-        }
-    }
+    let per_channel = per_channel_names(model, &split);
     let staged: Vec<String> = split.staged.iter().filter(|n| !per_channel.contains(*n)).cloned().collect();
-    // Shared memory: raw stages, recomputed states (3 tiles), carried adjoints (2).
+    let stash = chain_stash(model, &split);
+    // Shared memory: raw stages, recomputed states (3 tiles), carried adjoints (2), the f64
+    // parameter sums, the chain's stashed values (2 tiles).
     let tile_floats = l * t;
     let sv_base = ns * raw_stage;
     let sv_stage = nst * tile_floats * 4;
     let sa_base = sv_base + 3 * sv_stage;
     let dacc_base = sa_base + 2 * sv_stage;
-    if dacc_base + model.params.len() * 2 * (pt - t) * 8 > plan.smem_bytes {
+    let ss_base = dacc_base + model.params.len() * 2 * (pt - t) * 8;
+    let ss_stage = stash.len() * tile_floats * 4;
+    if ss_base + 2 * ss_stage > plan.smem_bytes {
         return Err(format!("the tiled reverse scan of `{}` does not fit its plan's shared memory", model.name));
     }
     // The epilogue threads: each owns two adjacent channels (loads and stores of pairs) and
@@ -1046,7 +1080,8 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         let _ = writeln!(s, "        const unsigned char* stg = sp_smem + (x % {ns}) * {raw_stage};");
         let _ = writeln!(s, "        float* sv = (float*)(sp_smem + {sv_base} + (x % 3) * {sv_stage});");
         let _ = writeln!(s, "        float* sa = (float*)(sp_smem + {sa_base} + (x & 1) * {sv_stage});");
-        let _ = writeln!(s, "        (void)sa;");
+        let _ = writeln!(s, "        const float* ss = (const float*)(sp_smem + {ss_base} + (x & 1) * {ss_stage});");
+        let _ = writeln!(s, "        (void)sa; (void)ss;");
     };
     let tail = "      }\n      }\n";
     // Recompute: the forward over the tile from its checkpoint, one thread per channel.
@@ -1106,6 +1141,9 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         let _ = writeln!(epi, "          const float2 s2_{} = *(const float2*)(sv + {} + j * {t} + pc);", id(&st.name), k * tile_floats);
         let _ = writeln!(epi, "          const float2 a2_{} = *(const float2*)(sa + {} + j * {t} + pc);", id(&st.name), k * tile_floats);
     }
+    for (k, (n, _)) in stash.iter().enumerate() {
+        let _ = writeln!(epi, "          const float2 z2_{} = *(const float2*)(ss + {} + j * {t} + pc);", id(n), k * tile_floats);
+    }
     for n in &model.inputs {
         let _ = writeln!(epi, "          float2 g2_{};", id(n));
     }
@@ -1121,8 +1159,11 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         for n in model.params.iter().chain(per_channel_lets.iter().map(|(n, _)| *n)) {
             let _ = writeln!(epi, "            const float {0} = w{h}_{0};", id(n));
         }
-        for (n, e) in epilogue.iter().filter(|(n, _)| !per_channel.contains(n)) {
-            let _ = writeln!(epi, "            const float {} = {};", id(n), expr(e, &|v| id(v)));
+        for (n, _) in &stash {
+            let _ = writeln!(epi, "            const float {0} = z2_{0}.{lane};", id(n));
+        }
+        for (n, e) in epilogue.iter().filter(|(n, _)| !per_channel.contains(n) && !stash.iter().any(|(m, _)| m == n)) {
+            let _ = writeln!(epi, "            const float {} = {};", id(n), expr(&with_stashed(e, &stash), &|v| id(v)));
         }
         for (n, g) in model.inputs.iter().zip(&split.step.input_grads) {
             let _ = writeln!(epi, "            g2_{}.{lane} = {};", id(n), id(g));
@@ -1145,6 +1186,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(chain, "        const unsigned char* stg = sp_smem + (it % {ns}) * {raw_stage};");
     let _ = writeln!(chain, "        const float* sv = (const float*)(sp_smem + {sv_base} + (it % 3) * {sv_stage});");
     let _ = writeln!(chain, "        float* sa = (float*)(sp_smem + {sa_base} + (it & 1) * {sv_stage});");
+    let _ = writeln!(chain, "        float* ss = (float*)(sp_smem + {ss_base} + (it & 1) * {ss_stage});\n        (void)ss;");
     // The values the chain reads that do not depend on the carried adjoint, evaluated by the
     // chain itself from the tile's inputs and states (they are few and cheap: σ(·), the
     // output gradient).
@@ -1162,6 +1204,9 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         }
         for (n, e) in for_staged.iter().filter(|(n, _)| !per_channel.contains(n)) {
             let _ = writeln!(s, "        const float {} = {};", id(n), expr(e, &|v| id(v)));
+        }
+        for (k, (n, _)) in stash.iter().enumerate() {
+            let _ = writeln!(s, "        ss[{} + ({j}) * {t} + tid] = {};", k * tile_floats, id(n));
         }
         for st in &model.state {
             let _ = writeln!(s, "        const float {} = carry_{};", id(&state_grad_name(&st.name)), id(&st.name));
