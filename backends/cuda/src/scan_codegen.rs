@@ -889,31 +889,6 @@ fn per_channel_names(model: &NeuronModel, split: &AdjointSplit) -> std::collecti
     per_channel
 }
 
-/// The values the tiled reverse scan's chain computes from a step's inputs (σ(·) of an input,
-/// say) that the epilogue needs again: the chain keeps them in shared memory for it, so the
-/// epilogue neither recomputes them nor loads their inputs.
-fn chain_stash(model: &NeuronModel, split: &AdjointSplit) -> Vec<(String, Expr)> {
-    let per_channel = per_channel_names(model, split);
-    let staged: Vec<String> = split.staged.iter().filter(|n| !per_channel.contains(*n)).cloned().collect();
-    let epilogue = epilogue_bindings(&split.step);
-    closure(&split.parallel, &staged)
-        .into_iter()
-        .filter(|(n, e)| !per_channel.contains(n) && !matches!(e, Expr::Var(_) | Expr::Const(_)) && epilogue.iter().any(|(m, _)| m == n))
-        .collect()
-}
-
-/// `e` with every subexpression equal to a stashed value's expression replaced by its name.
-fn with_stashed(e: &Expr, stash: &[(String, Expr)]) -> Expr {
-    if let Some((n, _)) = stash.iter().find(|(_, x)| x == e) {
-        return Expr::Var(n.clone());
-    }
-    match e {
-        Expr::Un(op, a) => Expr::Un(*op, Box::new(with_stashed(a, stash))),
-        Expr::Bin(op, a, b) => Expr::Bin(*op, Box::new(with_stashed(a, stash)), Box::new(with_stashed(b, stash))),
-        _ => e.clone(),
-    }
-}
-
 /// Raw-input stages of the reverse scan. A tile's raw stage lives from its copy to its
 /// epilogue, three iterations (recompute, chain, epilogue) plus the copies in flight, so
 /// `stages - 3` tiles are in flight; more hide more of the memory latency.
@@ -940,10 +915,10 @@ fn epilogue_threads(channels: usize) -> usize {
 /// holds the tile's checkpoints. Stages are cut to what fits, down to four (one tile in
 /// flight). `SPARKC_ADJOINT_STAGES` overrides them, for tuning.
 pub fn adjoint_tile_plan(model: &NeuronModel, emit: &[String], inputs: &[Elem], out_grads: &[Elem], c: usize, channels: usize, max_smem: usize) -> Option<TilePlan> {
-    let split = split_adjoint(model, emit).ok()?;
+    split_adjoint(model, emit).ok()?;
     let raw_row: usize = inputs.iter().chain(out_grads).map(|e| e.bytes() * channels).sum();
     let raw_stage = TILE_STEPS * raw_row + model.state.len() * channels * 4;
-    let work = adjoint_work_bytes(model.state.len(), model.params.len(), channels) + 2 * chain_stash(model, &split).len() * TILE_STEPS * channels * 4;
+    let work = adjoint_work_bytes(model.state.len(), model.params.len(), channels);
     let forced = std::env::var("SPARKC_ADJOINT_STAGES").ok().and_then(|v| v.parse::<usize>().ok()).filter(|s| (4..=16).contains(s));
     let wanted = forced.unwrap_or_else(|| adjoint_stages(TILE_STEPS * raw_row));
     let stages = (4..=wanted).rev().find(|s| s * raw_stage + work <= max_smem)?;
@@ -993,17 +968,14 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let raw_stage = raw_rows + nst * t * 4;
     let per_channel = per_channel_names(model, &split);
     let staged: Vec<String> = split.staged.iter().filter(|n| !per_channel.contains(*n)).cloned().collect();
-    let stash = chain_stash(model, &split);
     // Shared memory: raw stages, recomputed states (3 tiles), carried adjoints (2), the f64
-    // parameter sums, the chain's stashed values (2 tiles).
+    // parameter sums.
     let tile_floats = l * t;
     let sv_base = ns * raw_stage;
     let sv_stage = nst * tile_floats * 4;
     let sa_base = sv_base + 3 * sv_stage;
     let dacc_base = sa_base + 2 * sv_stage;
-    let ss_base = dacc_base + model.params.len() * 2 * (pt - t) * 8;
-    let ss_stage = stash.len() * tile_floats * 4;
-    if ss_base + 2 * ss_stage > plan.smem_bytes {
+    if dacc_base + model.params.len() * 2 * (pt - t) * 8 > plan.smem_bytes {
         return Err(format!("the tiled reverse scan of `{}` does not fit its plan's shared memory", model.name));
     }
     // The epilogue threads: each owns two adjacent channels (loads and stores of pairs) and
@@ -1080,8 +1052,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         let _ = writeln!(s, "        const unsigned char* stg = sp_smem + (x % {ns}) * {raw_stage};");
         let _ = writeln!(s, "        float* sv = (float*)(sp_smem + {sv_base} + (x % 3) * {sv_stage});");
         let _ = writeln!(s, "        float* sa = (float*)(sp_smem + {sa_base} + (x & 1) * {sv_stage});");
-        let _ = writeln!(s, "        const float* ss = (const float*)(sp_smem + {ss_base} + (x & 1) * {ss_stage});");
-        let _ = writeln!(s, "        (void)sa; (void)ss;");
+        let _ = writeln!(s, "        (void)sa;");
     };
     let tail = "      }\n      }\n";
     // Recompute: the forward over the tile from its checkpoint, one thread per channel.
@@ -1141,9 +1112,6 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         let _ = writeln!(epi, "          const float2 s2_{} = *(const float2*)(sv + {} + j * {t} + pc);", id(&st.name), k * tile_floats);
         let _ = writeln!(epi, "          const float2 a2_{} = *(const float2*)(sa + {} + j * {t} + pc);", id(&st.name), k * tile_floats);
     }
-    for (k, (n, _)) in stash.iter().enumerate() {
-        let _ = writeln!(epi, "          const float2 z2_{} = *(const float2*)(ss + {} + j * {t} + pc);", id(n), k * tile_floats);
-    }
     for n in &model.inputs {
         let _ = writeln!(epi, "          float2 g2_{};", id(n));
     }
@@ -1159,11 +1127,8 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         for n in model.params.iter().chain(per_channel_lets.iter().map(|(n, _)| *n)) {
             let _ = writeln!(epi, "            const float {0} = w{h}_{0};", id(n));
         }
-        for (n, _) in &stash {
-            let _ = writeln!(epi, "            const float {0} = z2_{0}.{lane};", id(n));
-        }
-        for (n, e) in epilogue.iter().filter(|(n, _)| !per_channel.contains(n) && !stash.iter().any(|(m, _)| m == n)) {
-            let _ = writeln!(epi, "            const float {} = {};", id(n), expr(&with_stashed(e, &stash), &|v| id(v)));
+        for (n, e) in epilogue.iter().filter(|(n, _)| !per_channel.contains(n)) {
+            let _ = writeln!(epi, "            const float {} = {};", id(n), expr(e, &|v| id(v)));
         }
         for (n, g) in model.inputs.iter().zip(&split.step.input_grads) {
             let _ = writeln!(epi, "            g2_{}.{lane} = {};", id(n), id(g));
@@ -1186,15 +1151,21 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(chain, "        const unsigned char* stg = sp_smem + (it % {ns}) * {raw_stage};");
     let _ = writeln!(chain, "        const float* sv = (const float*)(sp_smem + {sv_base} + (it % 3) * {sv_stage});");
     let _ = writeln!(chain, "        float* sa = (float*)(sp_smem + {sa_base} + (it & 1) * {sv_stage});");
-    let _ = writeln!(chain, "        float* ss = (float*)(sp_smem + {ss_base} + (it & 1) * {ss_stage});\n        (void)ss;");
     // The values the chain reads that do not depend on the carried adjoint, evaluated by the
     // chain itself from the tile's inputs and states (they are few and cheap: σ(·), the
     // output gradient).
     let for_staged = closure(&split.parallel, &staged);
     let staged_vars: std::collections::BTreeSet<String> = for_staged.iter().flat_map(|(_, e)| e.vars()).chain(staged.iter().cloned()).collect();
-    let chain_step = |s: &mut String, j: &str| {
+    // Its stores of the incoming adjoints go to registers (`keep`) in a whole tile and to
+    // shared memory after its last step: a store between the steps would keep the compiler
+    // from loading later steps' inputs early (as in the recompute).
+    let chain_step = |s: &mut String, j: &str, keep: bool| {
         for (k, st) in model.state.iter().enumerate() {
-            let _ = writeln!(s, "        sa[{} + ({j}) * {t} + tid] = carry_{};", k * tile_floats, id(&st.name));
+            if keep {
+                let _ = writeln!(s, "        keep_a{k}_{j} = carry_{};", id(&st.name));
+            } else {
+                let _ = writeln!(s, "        sa[{} + ({j}) * {t} + tid] = carry_{};", k * tile_floats, id(&st.name));
+            }
         }
         load_raw_where(s, "        ", j, "tid", &|n| staged_vars.contains(n));
         for (k, st) in model.state.iter().enumerate() {
@@ -1204,9 +1175,6 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         }
         for (n, e) in for_staged.iter().filter(|(n, _)| !per_channel.contains(n)) {
             let _ = writeln!(s, "        const float {} = {};", id(n), expr(e, &|v| id(v)));
-        }
-        for (k, (n, _)) in stash.iter().enumerate() {
-            let _ = writeln!(s, "        ss[{} + ({j}) * {t} + tid] = {};", k * tile_floats, id(n));
         }
         for st in &model.state {
             let _ = writeln!(s, "        const float {} = carry_{};", id(&state_grad_name(&st.name)), id(&st.name));
@@ -1221,15 +1189,23 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     };
     // As in the forward: a whole tile is straight-line code, the first (partial) tile a loop.
     let _ = writeln!(chain, "        if (tl * {l} + {l} <= S) {{");
+    for k in 0..nst {
+        let _ = writeln!(chain, "        float {};", (0..l).map(|j| format!("keep_a{k}_{j}")).collect::<Vec<_>>().join(", "));
+    }
     for j in (0..l).rev() {
         let _ = writeln!(chain, "        {{\n        const int step = tl * {l} + {j};\n        (void)step;");
-        chain_step(&mut chain, &j.to_string());
+        chain_step(&mut chain, &j.to_string(), true);
         let _ = writeln!(chain, "        }}");
+    }
+    for k in 0..nst {
+        for j in 0..l {
+            let _ = writeln!(chain, "        sa[{} + {j} * {t} + tid] = keep_a{k}_{j};", k * tile_floats);
+        }
     }
     let _ = writeln!(chain, "        }} else {{");
     let _ = writeln!(chain, "        for (int j = {}; j >= 0; --j) {{", l - 1);
     let _ = writeln!(chain, "        const int step = tl * {l} + j;\n        if (step >= S) continue;");
-    chain_step(&mut chain, "j");
+    chain_step(&mut chain, "j", false);
     let _ = writeln!(chain, "        }}\n        }}\n      }}");
 
     // The pipeline: tiles 0..lead in flight, then one iteration per tile, one to fill and one
