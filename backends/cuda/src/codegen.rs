@@ -107,11 +107,8 @@ __device__ __forceinline__ void sp_st2(unsigned short* p, long long i, float2 v)
     *(unsigned int*)(p + i) = (unsigned int)sp_bf16(v.x) | ((unsigned int)sp_bf16(v.y) << 16);
 #endif
 }
-/* cp.async: 16-byte global → shared copies that complete in groups (sm_80+). */
-__device__ __forceinline__ void sp_cp16(void* smem, const void* gmem) {
-    unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(s), "l"(gmem));
-}
+/* cp.async: 16-byte global → shared copies (to a shared-memory address) that complete in
+   groups (sm_80+). */
 __device__ __forceinline__ void sp_cp16_at(unsigned int smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(smem), "l"(gmem));
 }
@@ -268,6 +265,7 @@ pub(crate) fn forward_step_given(model: &NeuronModel, emit: &[String], given: &B
         let c = format!("t{fresh}");
         fresh += 1;
         let on_chain = |e: &Expr| e.vars().iter().any(|v| dependent.contains(v));
+        let named = |v: &str| cur.get(v).cloned().unwrap_or_else(|| ident(v));
         let code = match e {
             // a·s + b with only a·s on the state's path: one fused multiply-add after b is
             // ready, not a multiply and then an add on the path (fast math lets the compiler
@@ -275,14 +273,11 @@ pub(crate) fn forward_step_given(model: &NeuronModel, emit: &[String], given: &B
             Expr::Bin(BinOp::Add, l, r) if on_chain(l) != on_chain(r) => {
                 let (prod, rest) = if on_chain(l) { (l, r) } else { (r, l) };
                 match &**prod {
-                    Expr::Bin(BinOp::Mul, a, b) => {
-                        let name = |v: &str| cur.get(v).cloned().unwrap_or_else(|| ident(v));
-                        format!("sp_fma({}, {}, {})", expr(a, &name), expr(b, &name), expr(rest, &name))
-                    }
-                    _ => expr(e, &|v| cur.get(v).cloned().unwrap_or_else(|| ident(v))),
+                    Expr::Bin(BinOp::Mul, a, b) => format!("sp_fma({}, {}, {})", expr(a, &named), expr(b, &named), expr(rest, &named)),
+                    _ => expr(e, &named),
                 }
             }
-            _ => expr(e, &|v| cur.get(v).cloned().unwrap_or_else(|| ident(v))),
+            _ => expr(e, &named),
         };
         if on_chain(e) {
             dependent.insert(name.to_string());
