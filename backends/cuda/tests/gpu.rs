@@ -383,9 +383,9 @@ fn resident_state_and_captured_steps_match_the_cpu() {
 }
 
 /// The fast scans (tiled forward and reverse at both block widths, time-parallel reverse)
-/// against the one-thread-per-column kernels on the same random inputs and checkpoints: the fused selective
-/// PLIF the 0.9B model trains with, and row-parameter PLIF, with last tiles cut short, with and
-/// without restarts at token boundaries. The training graphs above mostly take the
+/// against the one-thread-per-column kernels on the same random inputs and checkpoints: the
+/// fused selective PLIF the 0.9B model trains with, and row-parameter PLIF, with last tiles
+/// cut short, with and without restarts at token boundaries. The training graphs above mostly take the
 /// time-parallel kernel at their small widths, so this is where the tiled ones are checked.
 #[test]
 fn fast_scans_match_the_per_column_kernels() {
