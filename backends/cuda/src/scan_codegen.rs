@@ -877,6 +877,25 @@ fn hoist(e: &Expr, dependent: &std::collections::BTreeSet<String>, taken: &std::
     }
 }
 
+/// A whole tile of straight-line steps (`step(s, j)` writes step j's block, in `order`) whose
+/// per-step stores to shared memory (`nst` a step) go to registers `{keep}{k}_{j}` and to
+/// `dest(k, j)` after the last step: a store between the steps would keep the compiler from
+/// issuing later steps' loads early, and each step would wait on its own.
+fn kept_tile(s: &mut String, indent: &str, keep: &str, nst: usize, order: &[usize], step: &mut dyn FnMut(&mut String, usize), dest: &dyn Fn(usize, usize) -> String) {
+    let l = order.len();
+    for k in 0..nst {
+        let _ = writeln!(s, "{indent}float {};", (0..l).map(|j| format!("{keep}{k}_{j}")).collect::<Vec<_>>().join(", "));
+    }
+    for &j in order {
+        step(s, j);
+    }
+    for k in 0..nst {
+        for j in 0..l {
+            let _ = writeln!(s, "{indent}{} = {keep}{k}_{j};", dest(k, j));
+        }
+    }
+}
+
 /// Bindings of parameters only (β = σ(w)) are per-channel constants of a reverse scan:
 /// computed once per thread, not per element.
 fn per_channel_names(model: &NeuronModel, split: &AdjointSplit) -> std::collections::BTreeSet<String> {
@@ -1056,10 +1075,8 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     };
     let tail = "      }\n      }\n";
     // Recompute: the forward over the tile from its checkpoint, one thread per channel.
-    // Straight-line for a whole tile (see the forward), a loop for the partial one. The whole
-    // tile keeps each step's state in registers and stores them after the last step: stores to
-    // shared memory between the steps would keep the compiler from issuing the steps' loads
-    // early, and each step would wait on its own.
+    // Straight-line for a whole tile (see the forward), its states kept (see `kept_tile`); a
+    // loop for the partial one.
     let mut recompute = String::new();
     head(&mut recompute, "it + 1");
     for (k, st) in model.state.iter().enumerate() {
@@ -1078,19 +1095,13 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         s.push_str(&forward_step(model, &[]));
     };
     let _ = writeln!(recompute, "        if (s0 + {l} <= S) {{");
-    for k in 0..nst {
-        let _ = writeln!(recompute, "          float {};", (0..l).map(|j| format!("keep_{k}_{j}")).collect::<Vec<_>>().join(", "));
-    }
-    for j in 0..l {
-        let _ = writeln!(recompute, "          {{\n          const int step = s0 + {j};");
-        recompute_step(&mut recompute, &j.to_string(), true);
-        let _ = writeln!(recompute, "          }}");
-    }
-    for k in 0..nst {
-        for j in 0..l {
-            let _ = writeln!(recompute, "          sv[{} + {j} * {t} + ch] = keep_{k}_{j};", k * tile_floats);
-        }
-    }
+    let steps: Vec<usize> = (0..l).collect();
+    let mut whole_step = |s: &mut String, j: usize| {
+        let _ = writeln!(s, "          {{\n          const int step = s0 + {j};");
+        recompute_step(s, &j.to_string(), true);
+        let _ = writeln!(s, "          }}");
+    };
+    kept_tile(&mut recompute, "          ", "keep_", nst, &steps, &mut whole_step, &|k, j| format!("sv[{} + {j} * {t} + ch]", k * tile_floats));
     let _ = writeln!(recompute, "        }} else {{");
     let _ = writeln!(recompute, "        for (int j = 0; j < {l}; ++j) {{");
     let _ = writeln!(recompute, "          const int step = s0 + j;\n          if (step >= S) break;");
@@ -1156,9 +1167,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     // output gradient).
     let for_staged = closure(&split.parallel, &staged);
     let staged_vars: std::collections::BTreeSet<String> = for_staged.iter().flat_map(|(_, e)| e.vars()).chain(staged.iter().cloned()).collect();
-    // Its stores of the incoming adjoints go to registers (`keep`) in a whole tile and to
-    // shared memory after its last step: a store between the steps would keep the compiler
-    // from loading later steps' inputs early (as in the recompute).
+    // In a whole tile its stores of the incoming adjoints are kept (see `kept_tile`).
     let chain_step = |s: &mut String, j: &str, keep: bool| {
         for (k, st) in model.state.iter().enumerate() {
             if keep {
@@ -1189,19 +1198,13 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     };
     // As in the forward: a whole tile is straight-line code, the first (partial) tile a loop.
     let _ = writeln!(chain, "        if (tl * {l} + {l} <= S) {{");
-    for k in 0..nst {
-        let _ = writeln!(chain, "        float {};", (0..l).map(|j| format!("keep_a{k}_{j}")).collect::<Vec<_>>().join(", "));
-    }
-    for j in (0..l).rev() {
-        let _ = writeln!(chain, "        {{\n        const int step = tl * {l} + {j};\n        (void)step;");
-        chain_step(&mut chain, &j.to_string(), true);
-        let _ = writeln!(chain, "        }}");
-    }
-    for k in 0..nst {
-        for j in 0..l {
-            let _ = writeln!(chain, "        sa[{} + {j} * {t} + tid] = keep_a{k}_{j};", k * tile_floats);
-        }
-    }
+    let steps: Vec<usize> = (0..l).rev().collect();
+    let mut whole_step = |s: &mut String, j: usize| {
+        let _ = writeln!(s, "        {{\n        const int step = tl * {l} + {j};\n        (void)step;");
+        chain_step(s, &j.to_string(), true);
+        let _ = writeln!(s, "        }}");
+    };
+    kept_tile(&mut chain, "        ", "keep_a", nst, &steps, &mut whole_step, &|k, j| format!("sa[{} + {j} * {t} + tid]", k * tile_floats));
     let _ = writeln!(chain, "        }} else {{");
     let _ = writeln!(chain, "        for (int j = {}; j >= 0; --j) {{", l - 1);
     let _ = writeln!(chain, "        const int step = tl * {l} + j;\n        if (step >= S) continue;");
