@@ -249,6 +249,11 @@ pub(crate) fn forward_step(model: &NeuronModel, emit: &[String]) -> String {
 /// [`forward_step`] where the lets in `given` are already defined (as `ident(name)`), e.g.
 /// computed ahead by other threads.
 pub(crate) fn forward_step_given(model: &NeuronModel, emit: &[String], given: &BTreeSet<String>) -> String {
+    forward_step_named(model, emit, given).0
+}
+
+/// [`forward_step_given`], with the C variable that holds each let's value.
+pub(crate) fn forward_step_named(model: &NeuronModel, emit: &[String], given: &BTreeSet<String>) -> (String, BTreeMap<String, String>) {
     let mut s = String::new();
     // Current C name of each model name (charges rebind the state).
     let mut cur: BTreeMap<String, String> = BTreeMap::new();
@@ -314,7 +319,8 @@ pub(crate) fn forward_step_given(model: &NeuronModel, emit: &[String], given: &B
     for st in &model.state {
         let _ = writeln!(s, "      {} = {};", ident(&st.name), cur[&st.name]);
     }
-    s
+    let lets = model.lets.iter().filter_map(|b| cur.get(&b.name).map(|c| (b.name.clone(), c.clone()))).collect();
+    (s, lets)
 }
 
 #[cfg(test)]

@@ -1545,7 +1545,7 @@ impl GpuProgram {
                 let mut dw = self.alloc(d)?;
                 let di = d as i32;
                 let rr = r as i64;
-                if d <= RMS_GRAD_BLOCK_COLS && d % 4 == 0 {
+                if d <= RMS_GRAD_BLOCK_COLS && d.is_multiple_of(4) {
                     // Two blocks per SM, each summing its rows' dw.
                     let blocks = (2 * self.gpu.sms).min(r.div_ceil(8)).max(1);
                     // SAFETY: every block writes its d partial sums.

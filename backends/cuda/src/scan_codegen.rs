@@ -11,7 +11,7 @@
 //! per-step input once, writes every input gradient once, and no per-step state, spike or
 //! modulation tensor is ever stored.
 
-use crate::codegen::{constant, expr, forward_step, forward_step_given, ident, Elem};
+use crate::codegen::{constant, expr, forward_step, forward_step_given, forward_step_named, ident, Elem};
 use sparkc_ir::adjoint::{derive, output_grad_name, state_grad_name};
 use sparkc_ir::expr::Expr;
 use sparkc_ir::neuron::NeuronModel;
@@ -332,9 +332,10 @@ struct TileCopies {
 }
 
 impl TileCopies {
-    /// `t` channels per block, `l` steps per tile, `pt` copying threads (those from `t` on),
-    /// stages of `stage_bytes`, `ns` of them.
-    fn new(streamed: &[Streamed], ck_rows: &[(String, usize)], t: usize, l: usize, pt: usize, ns: usize, stage_bytes: usize) -> TileCopies {
+    /// `t` channels per block, `l` steps per tile, `pt` copying threads (those from
+    /// `first_thread` on), stages of `stage_bytes`, `ns` of them.
+    #[allow(clippy::too_many_arguments)]
+    fn new(streamed: &[Streamed], ck_rows: &[(String, usize)], t: usize, l: usize, first_thread: usize, pt: usize, ns: usize, stage_bytes: usize) -> TileCopies {
         // (first chunk, chunks, the slot's source at tile 0, its step per tile, stage offset, row)
         let mut arms: Vec<(usize, usize, String)> = Vec::new();
         let mut first = 0;
@@ -361,7 +362,7 @@ impl TileCopies {
             let _ = writeln!(setup, "  const unsigned char* cp_src_{m}; int cp_step_{m}, cp_off_{m}, cp_row_{m};");
             let _ = writeln!(setup, "  {{
     const unsigned char* src = nullptr; int step = 0, off = 0, row = 1 << 30;");
-            let _ = writeln!(setup, "    const int i = (tid < {t} ? 0 : tid - {t}) + {};", m * pt);
+            let _ = writeln!(setup, "    const int i = (tid < {first_thread} ? 0 : tid - {first_thread}) + {};", m * pt);
             for (k, (start, count, arm)) in arms.iter().enumerate() {
                 let els = if k == 0 { "" } else { "else " };
                 let _ = writeln!(setup, "    {els}if (i < {}) {{ const int q = i - {start}; {arm} }}", start + count);
@@ -452,7 +453,7 @@ pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(s, "  const int b = (int)(col0 / C), c0 = (int)(col0 % C);");
     let _ = writeln!(s, "  const long long tile_base = (long long)b * S * C + c0;");
     let _ = writeln!(s, "  const int ntiles = (S + {l} - 1) / {l};");
-    let copies = TileCopies::new(&streamed, &[], t, l, pt, ns, raw_stage);
+    let copies = TileCopies::new(&streamed, &[], t, l, t, pt, ns, raw_stage);
     let issue = copies.issue("tt", "tt");
     s.push_str(&copies.setup);
     // The prologue of tile `tt`: each worker thread owns two adjacent channels (one load of a
@@ -908,6 +909,32 @@ fn per_channel_names(model: &NeuronModel, split: &AdjointSplit) -> std::collecti
     per_channel
 }
 
+/// The values the tiled reverse scan's chain reads that are the forward's own lets (σ(·) of
+/// an input, say): the recompute computes them anyway, one tile ahead, so it keeps them in
+/// shared memory and the chain and the epilogue read them, neither evaluating them nor
+/// loading their inputs. Each is (the adjoint's name, the model's let).
+fn recompute_stash(model: &NeuronModel, split: &AdjointSplit) -> Vec<(String, String)> {
+    let per_channel = per_channel_names(model, split);
+    let staged: Vec<String> = split.staged.iter().filter(|n| !per_channel.contains(*n)).cloned().collect();
+    closure(&split.parallel, &staged)
+        .into_iter()
+        .filter(|(n, e)| !per_channel.contains(n) && !matches!(e, Expr::Var(_) | Expr::Const(_)))
+        .filter_map(|(n, e)| model.lets.iter().find(|b| b.expr == e).map(|b| (n, b.name.clone())))
+        .collect()
+}
+
+/// `e` with every subexpression equal to the expression of a stashed name replaced by the name.
+fn with_stashed(e: &Expr, stashed: &[(String, Expr)]) -> Expr {
+    if let Some((n, _)) = stashed.iter().find(|(_, x)| x == e) {
+        return Expr::Var(n.clone());
+    }
+    match e {
+        Expr::Un(op, a) => Expr::Un(*op, Box::new(with_stashed(a, stashed))),
+        Expr::Bin(op, a, b) => Expr::Bin(*op, Box::new(with_stashed(a, stashed)), Box::new(with_stashed(b, stashed))),
+        _ => e.clone(),
+    }
+}
+
 /// Raw-input stages of the reverse scan. A tile's raw stage lives from its copy to its
 /// epilogue, three iterations (recompute, chain, epilogue) plus the copies in flight, so
 /// `stages - 3` tiles are in flight; more hide more of the memory latency.
@@ -915,12 +942,12 @@ fn adjoint_stages(raw_tile_bytes: usize) -> usize {
     (96 * 1024 / raw_tile_bytes.max(1)).clamp(5, 12)
 }
 
-/// Shared memory of the tiled reverse scan besides its raw stages: the recomputed states
-/// (three tiles live: recompute, chain, epilogue), the carried adjoints (two), and each
-/// epilogue thread's f64 parameter-gradient sums for its two channels (there, not in
-/// registers, which a 1,024-thread block has 64 of).
-fn adjoint_work_bytes(states: usize, params: usize, channels: usize) -> usize {
-    5 * states * TILE_STEPS * channels * 4 + params * 2 * epilogue_threads(channels) * 8
+/// Shared memory of the tiled reverse scan besides its raw stages: the recomputed states and
+/// the recompute's stashed values (three tiles live each: recompute, chain, epilogue), the
+/// carried adjoints (two), and each epilogue thread's f64 parameter-gradient sums for its two
+/// channels (there, not in registers, which a 1,024-thread block has 64 of).
+fn adjoint_work_bytes(states: usize, stashed: usize, params: usize, channels: usize) -> usize {
+    (5 * states + 3 * stashed) * TILE_STEPS * channels * 4 + params * 2 * epilogue_threads(channels) * 8
 }
 
 /// Epilogue threads of a tiled reverse-scan block: all but the chain and recompute threads.
@@ -934,10 +961,10 @@ fn epilogue_threads(channels: usize) -> usize {
 /// holds the tile's checkpoints. Stages are cut to what fits, down to four (one tile in
 /// flight). `SPARKC_ADJOINT_STAGES` overrides them, for tuning.
 pub fn adjoint_tile_plan(model: &NeuronModel, emit: &[String], inputs: &[Elem], out_grads: &[Elem], c: usize, channels: usize, max_smem: usize) -> Option<TilePlan> {
-    split_adjoint(model, emit).ok()?;
+    let split = split_adjoint(model, emit).ok()?;
     let raw_row: usize = inputs.iter().chain(out_grads).map(|e| e.bytes() * channels).sum();
     let raw_stage = TILE_STEPS * raw_row + model.state.len() * channels * 4;
-    let work = adjoint_work_bytes(model.state.len(), model.params.len(), channels);
+    let work = adjoint_work_bytes(model.state.len(), recompute_stash(model, &split).len(), model.params.len(), channels);
     let forced = std::env::var("SPARKC_ADJOINT_STAGES").ok().and_then(|v| v.parse::<usize>().ok()).filter(|s| (4..=16).contains(s));
     let wanted = forced.unwrap_or_else(|| adjoint_stages(TILE_STEPS * raw_row));
     let stages = (4..=wanted).rev().find(|s| s * raw_stage + work <= max_smem)?;
@@ -947,9 +974,12 @@ pub fn adjoint_tile_plan(model: &NeuronModel, emit: &[String], inputs: &[Elem], 
 
 /// The reverse scan for widths that are multiples of `plan.channels`, warp-specialised like
 /// [`scan_forward_tiled`] and walking the tiles from the last. Each iteration runs four
-/// pieces on four tiles at once, one barrier apart:
-/// - copies (`cp.async`) of the inputs, output gradients and checkpoints of a tile ahead;
-/// - the forward recompute of tile it+1 from its checkpoint (one worker thread per channel);
+/// pieces on four tiles at once, one barrier apart, each role in a loop of its own (so that
+/// the registers of one role are not held in another's):
+/// - copies (`cp.async`, by the epilogue threads) of the inputs, output gradients and
+///   checkpoints of a tile ahead;
+/// - the forward recompute of tile it+1 from its checkpoint (one worker thread per channel),
+///   which also keeps the forward's lets that the chain reads (see [`recompute_stash`]);
 /// - the chain on tile it: only the state adjoint (a multiply-add or two per step, and the
 ///   state-adjoint-independent values it reads), each step's incoming adjoint kept in shared
 ///   memory;
@@ -987,14 +1017,18 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let raw_stage = raw_rows + nst * t * 4;
     let per_channel = per_channel_names(model, &split);
     let staged: Vec<String> = split.staged.iter().filter(|n| !per_channel.contains(*n)).cloned().collect();
+    let stash = recompute_stash(model, &split);
+    let stash_exprs: Vec<(String, Expr)> = stash.iter().filter_map(|(n, _)| split.parallel.iter().find(|(m, _)| m == n).cloned()).collect();
     // Shared memory: raw stages, recomputed states (3 tiles), carried adjoints (2), the f64
-    // parameter sums.
+    // parameter sums, the recompute's stash (3 tiles).
     let tile_floats = l * t;
     let sv_base = ns * raw_stage;
     let sv_stage = nst * tile_floats * 4;
     let sa_base = sv_base + 3 * sv_stage;
     let dacc_base = sa_base + 2 * sv_stage;
-    if dacc_base + model.params.len() * 2 * (pt - t) * 8 > plan.smem_bytes {
+    let ss_base = dacc_base + model.params.len() * 2 * (pt - t) * 8;
+    let ss_stage = stash.len() * tile_floats * 4;
+    if ss_base + 3 * ss_stage > plan.smem_bytes {
         return Err(format!("the tiled reverse scan of `{}` does not fit its plan's shared memory", model.name));
     }
     // The epilogue threads: each owns two adjacent channels (loads and stores of pairs) and
@@ -1053,7 +1087,8 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     }
     // Copies of tile `cx` (recomputed at iteration cx - 1, its epilogue at cx + 1).
     let ck_rows: Vec<(String, usize)> = model.state.iter().enumerate().map(|(k, st)| (format!("ck_{}", id(&st.name)), raw_rows + k * t * 4)).collect();
-    let copies = TileCopies::new(&streamed, &ck_rows, t, l, pt, ns, raw_stage);
+    // The epilogue threads copy: the chain and recompute threads' loops then hold no copy slots.
+    let copies = TileCopies::new(&streamed, &ck_rows, t, l, 2 * t, pt - t, ns, raw_stage);
     s.push_str(&copies.setup);
     let issue = copies.issue("cx", "ntiles - 1 - cx");
     // Loads row `j` of the raw stage `stg` at channel `ch` (C expressions), the tensors `wanted`.
@@ -1071,7 +1106,8 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         let _ = writeln!(s, "        const unsigned char* stg = sp_smem + (x % {ns}) * {raw_stage};");
         let _ = writeln!(s, "        float* sv = (float*)(sp_smem + {sv_base} + (x % 3) * {sv_stage});");
         let _ = writeln!(s, "        float* sa = (float*)(sp_smem + {sa_base} + (x & 1) * {sv_stage});");
-        let _ = writeln!(s, "        (void)sa;");
+        let _ = writeln!(s, "        float* ss = (float*)(sp_smem + {ss_base} + (x % 3) * {ss_stage});");
+        let _ = writeln!(s, "        (void)sa; (void)ss;");
     };
     let tail = "      }\n      }\n";
     // Recompute: the forward over the tile from its checkpoint, one thread per channel.
@@ -1082,17 +1118,28 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     for (k, st) in model.state.iter().enumerate() {
         let _ = writeln!(recompute, "        float {} = ((const float*)(stg + {}))[ch];", id(&st.name), raw_rows + k * t * 4);
     }
+    // Its stores: each step's state before the step (to `sv`) and the stashed lets (to `ss`).
+    let kept_at = |k: usize, j: &str| {
+        if k < nst {
+            format!("sv[{} + ({j}) * {t} + ch]", k * tile_floats)
+        } else {
+            format!("ss[{} + ({j}) * {t} + ch]", (k - nst) * tile_floats)
+        }
+    };
     let recompute_step = |s: &mut String, j: &str, keep: bool| {
         reset(s, "          ");
+        let put = |s: &mut String, k: usize, v: &str| {
+            let _ = if keep { writeln!(s, "          keep_{k}_{j} = {v};") } else { writeln!(s, "          {} = {v};", kept_at(k, j)) };
+        };
         for (k, st) in model.state.iter().enumerate() {
-            if keep {
-                let _ = writeln!(s, "          keep_{k}_{j} = {};", id(&st.name));
-            } else {
-                let _ = writeln!(s, "          sv[{} + ({j}) * {t} + ch] = {};", k * tile_floats, id(&st.name));
-            }
+            put(s, k, &id(&st.name));
         }
         load_raw(s, "          ", j);
-        s.push_str(&forward_step(model, &[]));
+        let (step, lets) = forward_step_named(model, &[], &Default::default());
+        s.push_str(&step);
+        for (k, (_, b)) in stash.iter().enumerate() {
+            put(s, nst + k, &lets[b]);
+        }
     };
     let _ = writeln!(recompute, "        if (s0 + {l} <= S) {{");
     let steps: Vec<usize> = (0..l).collect();
@@ -1101,7 +1148,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         recompute_step(s, &j.to_string(), true);
         let _ = writeln!(s, "          }}");
     };
-    kept_tile(&mut recompute, "          ", "keep_", nst, &steps, &mut whole_step, &|k, j| format!("sv[{} + {j} * {t} + ch]", k * tile_floats));
+    kept_tile(&mut recompute, "          ", "keep_", nst + stash.len(), &steps, &mut whole_step, &|k, j| kept_at(k, &j.to_string()));
     let _ = writeln!(recompute, "        }} else {{");
     let _ = writeln!(recompute, "        for (int j = 0; j < {l}; ++j) {{");
     let _ = writeln!(recompute, "          const int step = s0 + j;\n          if (step >= S) break;");
@@ -1123,6 +1170,9 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         let _ = writeln!(epi, "          const float2 s2_{} = *(const float2*)(sv + {} + j * {t} + pc);", id(&st.name), k * tile_floats);
         let _ = writeln!(epi, "          const float2 a2_{} = *(const float2*)(sa + {} + j * {t} + pc);", id(&st.name), k * tile_floats);
     }
+    for (k, (n, _)) in stash.iter().enumerate() {
+        let _ = writeln!(epi, "          const float2 z2_{} = *(const float2*)(ss + {} + j * {t} + pc);", id(n), k * tile_floats);
+    }
     for n in &model.inputs {
         let _ = writeln!(epi, "          float2 g2_{};", id(n));
     }
@@ -1138,8 +1188,11 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         for n in model.params.iter().chain(per_channel_lets.iter().map(|(n, _)| *n)) {
             let _ = writeln!(epi, "            const float {0} = w{h}_{0};", id(n));
         }
-        for (n, e) in epilogue.iter().filter(|(n, _)| !per_channel.contains(n)) {
-            let _ = writeln!(epi, "            const float {} = {};", id(n), expr(e, &|v| id(v)));
+        for (n, _) in &stash {
+            let _ = writeln!(epi, "            const float {0} = z2_{0}.{lane};", id(n));
+        }
+        for (n, e) in epilogue.iter().filter(|(n, _)| !per_channel.contains(n) && !stash.iter().any(|(m, _)| m == n)) {
+            let _ = writeln!(epi, "            const float {} = {};", id(n), expr(&with_stashed(e, &stash_exprs), &|v| id(v)));
         }
         for (n, g) in model.inputs.iter().zip(&split.step.input_grads) {
             let _ = writeln!(epi, "            g2_{}.{lane} = {};", id(n), id(g));
@@ -1162,10 +1215,11 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(chain, "        const unsigned char* stg = sp_smem + (it % {ns}) * {raw_stage};");
     let _ = writeln!(chain, "        const float* sv = (const float*)(sp_smem + {sv_base} + (it % 3) * {sv_stage});");
     let _ = writeln!(chain, "        float* sa = (float*)(sp_smem + {sa_base} + (it & 1) * {sv_stage});");
-    // The values the chain reads that do not depend on the carried adjoint, evaluated by the
-    // chain itself from the tile's inputs and states (they are few and cheap: σ(·), the
-    // output gradient).
-    let for_staged = closure(&split.parallel, &staged);
+    let _ = writeln!(chain, "        const float* ss = (const float*)(sp_smem + {ss_base} + (it % 3) * {ss_stage});\n        (void)ss;");
+    // The values the chain reads that do not depend on the carried adjoint: the recompute's
+    // stash, and the rest evaluated by the chain itself from the tile's inputs and states
+    // (they are few and cheap: the output gradient, say).
+    let for_staged: Vec<(String, Expr)> = closure(&split.parallel, &staged).into_iter().filter(|(n, _)| !stash.iter().any(|(m, _)| m == n)).collect();
     let staged_vars: std::collections::BTreeSet<String> = for_staged.iter().flat_map(|(_, e)| e.vars()).chain(staged.iter().cloned()).collect();
     // In a whole tile its stores of the incoming adjoints are kept (see `kept_tile`).
     let chain_step = |s: &mut String, j: &str, keep: bool| {
@@ -1177,6 +1231,9 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
             }
         }
         load_raw_where(s, "        ", j, "tid", &|n| staged_vars.contains(n));
+        for (k, (n, _)) in stash.iter().enumerate() {
+            let _ = writeln!(s, "        const float {} = ss[{} + ({j}) * {t} + tid];", id(n), k * tile_floats);
+        }
         for (k, st) in model.state.iter().enumerate() {
             if staged_vars.contains(&st.name) {
                 let _ = writeln!(s, "        const float {} = sv[{} + ({j}) * {t} + tid];", id(&st.name), k * tile_floats);
@@ -1222,13 +1279,16 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         let _ = writeln!(s, "    dacc[{} + wk] = 0.0;", k * workers);
     }
     let _ = writeln!(s, "  }}");
-    let _ = writeln!(s, "  if (!chain) {{");
-    let _ = writeln!(s, "    for (int cx = 0; cx < {lead}; ++cx) {{\n{issue}    }}\n  }}");
+    // One loop per role, in step through the barriers: 0 (all threads) ends an iteration, 1
+    // (all but the chain) makes a tile's copies visible once its copiers have waited for them.
+    let (end, landed) = ("      asm volatile(\"bar.sync 0;\" ::: \"memory\");", format!("      asm volatile(\"bar.sync 1, {pt};\" ::: \"memory\");"));
+    let _ = writeln!(s, "  if (chain) {{\n  for (int it = -1; it <= ntiles; ++it) {{\n{chain}{end}\n  }}");
+    let _ = writeln!(s, "  }} else if (pt < {t}) {{\n  for (int it = -1; it <= ntiles; ++it) {{\n{landed}\n      {{\n{recompute}      }}\n{end}\n  }}");
+    let _ = writeln!(s, "  }} else {{");
+    let _ = writeln!(s, "    for (int cx = 0; cx < {lead}; ++cx) {{\n{issue}    }}");
     let _ = writeln!(s, "  for (int it = -1; it <= ntiles; ++it) {{");
-    let _ = writeln!(s, "    if (chain) {{\n{chain}    }} else {{");
     let _ = writeln!(s, "      {{\n      const int cx = it + 1 + {lead};\n{issue}      }}");
-    let _ = writeln!(s, "      sp_cp_wait<{lead}>();\n      asm volatile(\"bar.sync 1, {pt};\" ::: \"memory\");");
-    let _ = writeln!(s, "      if (pt < {t}) {{\n{recompute}      }} else {{");
+    let _ = writeln!(s, "      sp_cp_wait<{lead}>();\n{landed}");
     // Parameter gradients: a float sum per tile, added to the thread's double total.
     for n in &model.params {
         let _ = writeln!(s, "      float tacc0_{0} = 0.0f, tacc1_{0} = 0.0f;", id(n));
@@ -1237,7 +1297,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     for (k, n) in model.params.iter().enumerate() {
         let _ = writeln!(s, "      dacc[{} + wk] += (double)tacc0_{};\n      dacc[{} + wk] += (double)tacc1_{};", 2 * k * workers, id(n), (2 * k + 1) * workers, id(n));
     }
-    let _ = writeln!(s, "      }}\n    }}\n    __syncthreads();\n  }}");
+    let _ = writeln!(s, "{end}\n  }}\n  }}");
     // Results: the initial-state adjoints from the chain; the parameter gradients summed over
     // the epilogue threads of each channel (through the raw stages, free now).
     let _ = writeln!(s, "  if (chain) {{");
