@@ -320,22 +320,23 @@ fn stream_layout(tensors: &[(String, Elem)], l: usize, channels: usize) -> (Vec<
 
 /// How the worker threads of a tiled scan copy a tile's 16-byte chunks into its stage with
 /// `cp.async`: a thread owns the same chunks of every tile, so their sources, stage offsets and
-/// rows are worked out once (`setup`, at the kernel's start) and each copy of a tile costs one
-/// multiply-add and the copy (`issue`). Chunks are the rows of the per-step tensors, then one
-/// row of checkpoints per state (reverse scans).
+/// rows are worked out once (`setup`, at the kernel's start). Tiles are copied in order (from
+/// the first, or from the last when `reverse`), so each copy of a tile costs the copy and a
+/// pointer step (`issue`), and the stage to fill turns round with them. Chunks are the rows of
+/// the per-step tensors, then one row of checkpoints per state (reverse scans).
 struct TileCopies {
     setup: String,
     slots: usize,
     l: usize,
-    ns: usize,
     stage_bytes: usize,
+    reverse: bool,
 }
 
 impl TileCopies {
     /// `t` channels per block, `l` steps per tile, `pt` copying threads (those from
     /// `first_thread` on), stages of `stage_bytes`, `ns` of them.
     #[allow(clippy::too_many_arguments)]
-    fn new(streamed: &[Streamed], ck_rows: &[(String, usize)], t: usize, l: usize, first_thread: usize, pt: usize, ns: usize, stage_bytes: usize) -> TileCopies {
+    fn new(streamed: &[Streamed], ck_rows: &[(String, usize)], t: usize, l: usize, first_thread: usize, pt: usize, ns: usize, stage_bytes: usize, reverse: bool) -> TileCopies {
         // (first chunk, chunks, the slot's source at tile 0, its step per tile, stage offset, row)
         let mut arms: Vec<(usize, usize, String)> = Vec::new();
         let mut first = 0;
@@ -367,21 +368,28 @@ impl TileCopies {
                 let els = if k == 0 { "" } else { "else " };
                 let _ = writeln!(setup, "    {els}if (i < {}) {{ const int q = i - {start}; {arm} }}", start + count);
             }
-            let _ = writeln!(setup, "    cp_src_{m} = src; cp_step_{m} = step; cp_off_{m} = off; cp_row_{m} = row;\n  }}");
+            let at = if reverse { "src + (long long)(ntiles - 1) * step" } else { "src" };
+            let _ = writeln!(setup, "    cp_src_{m} = {at}; cp_step_{m} = step; cp_off_{m} = off; cp_row_{m} = row;\n  }}");
         }
-        TileCopies { setup, slots, l, ns, stage_bytes }
+        // The shared address of the next stage to fill, and the end of the stages.
+        let _ = writeln!(setup, "  unsigned int cp_at = (unsigned int)__cvta_generic_to_shared(sp_smem);");
+        let _ = writeln!(setup, "  const unsigned int cp_first = cp_at, cp_end = cp_at + {};", ns * stage_bytes);
+        TileCopies { setup, slots, l, stage_bytes, reverse }
     }
 
     /// The copies of the tile at time index `tile`, consumed as the `iter`-th (its stage is
     /// `iter % ns`), then the commit. An empty group past the end keeps the wait counts uniform.
+    /// Issues run for `iter` = 0, 1, … in turn: each steps the sources and the stage on.
     fn issue(&self, iter: &str, tile: &str) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "      if ({iter} < ntiles) {{");
-        let _ = writeln!(s, "        const unsigned int stg = (unsigned int)__cvta_generic_to_shared(sp_smem) + ({iter} % {}) * {};", self.ns, self.stage_bytes);
         let _ = writeln!(s, "        const int tile_at = {tile};");
+        let dir = if self.reverse { "-" } else { "+" };
         for m in 0..self.slots {
-            let _ = writeln!(s, "        if (tile_at * {} + cp_row_{m} < S) sp_cp16_at(stg + cp_off_{m}, cp_src_{m} + (long long)tile_at * cp_step_{m});", self.l);
+            let _ = writeln!(s, "        if (tile_at * {} + cp_row_{m} < S) sp_cp16_at(cp_at + cp_off_{m}, cp_src_{m});", self.l);
+            let _ = writeln!(s, "        cp_src_{m} {dir}= cp_step_{m};");
         }
+        let _ = writeln!(s, "        cp_at = cp_at + {0} == cp_end ? cp_first : cp_at + {0};", self.stage_bytes);
         let _ = writeln!(s, "      }}\n      sp_cp_commit();");
         s
     }
@@ -453,7 +461,7 @@ pub fn scan_forward_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(s, "  const int b = (int)(col0 / C), c0 = (int)(col0 % C);");
     let _ = writeln!(s, "  const long long tile_base = (long long)b * S * C + c0;");
     let _ = writeln!(s, "  const int ntiles = (S + {l} - 1) / {l};");
-    let copies = TileCopies::new(&streamed, &[], t, l, t, pt, ns, raw_stage);
+    let copies = TileCopies::new(&streamed, &[], t, l, t, pt, ns, raw_stage, false);
     let issue = copies.issue("tt", "tt");
     s.push_str(&copies.setup);
     // The prologue of tile `tt`: each worker thread owns two adjacent channels (one load of a
@@ -935,6 +943,10 @@ fn with_stashed(e: &Expr, stashed: &[(String, Expr)]) -> Expr {
     }
 }
 
+/// Tiles whose parameter-gradient terms an epilogue thread sums in float before adding them
+/// to its double total (a power of two).
+const TACC_TILES: usize = 4;
+
 /// Raw-input stages of the reverse scan. A tile's raw stage lives from its copy to its
 /// epilogue, three iterations (recompute, chain, epilogue) plus the copies in flight, so
 /// `stages - 3` tiles are in flight; more hide more of the memory latency.
@@ -1088,7 +1100,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     // Copies of tile `cx` (recomputed at iteration cx - 1, its epilogue at cx + 1).
     let ck_rows: Vec<(String, usize)> = model.state.iter().enumerate().map(|(k, st)| (format!("ck_{}", id(&st.name)), raw_rows + k * t * 4)).collect();
     // The epilogue threads copy: the chain and recompute threads' loops then hold no copy slots.
-    let copies = TileCopies::new(&streamed, &ck_rows, t, l, 2 * t, pt - t, ns, raw_stage);
+    let copies = TileCopies::new(&streamed, &ck_rows, t, l, 2 * t, pt - t, ns, raw_stage, true);
     s.push_str(&copies.setup);
     let issue = copies.issue("cx", "ntiles - 1 - cx");
     // Loads row `j` of the raw stage `stg` at channel `ch` (C expressions), the tensors `wanted`.
@@ -1286,16 +1298,22 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     let _ = writeln!(s, "  }} else if (pt < {t}) {{\n  for (int it = -1; it <= ntiles; ++it) {{\n{landed}\n      {{\n{recompute}      }}\n{end}\n  }}");
     let _ = writeln!(s, "  }} else {{");
     let _ = writeln!(s, "    for (int cx = 0; cx < {lead}; ++cx) {{\n{issue}    }}");
+    // Parameter gradients: a float sum over a few tiles, then added to the thread's double
+    // total (a float sum of at most 2·TACC_TILES terms loses nothing a bf16 input keeps).
+    for n in &model.params {
+        let _ = writeln!(s, "  float tacc0_{0} = 0.0f, tacc1_{0} = 0.0f;", id(n));
+    }
     let _ = writeln!(s, "  for (int it = -1; it <= ntiles; ++it) {{");
     let _ = writeln!(s, "      {{\n      const int cx = it + 1 + {lead};\n{issue}      }}");
     let _ = writeln!(s, "      sp_cp_wait<{lead}>();\n{landed}");
-    // Parameter gradients: a float sum per tile, added to the thread's double total.
-    for n in &model.params {
-        let _ = writeln!(s, "      float tacc0_{0} = 0.0f, tacc1_{0} = 0.0f;", id(n));
-    }
     let _ = writeln!(s, "{epi}");
-    for (k, n) in model.params.iter().enumerate() {
-        let _ = writeln!(s, "      dacc[{} + wk] += (double)tacc0_{};\n      dacc[{} + wk] += (double)tacc1_{};", 2 * k * workers, id(n), (2 * k + 1) * workers, id(n));
+    if !model.params.is_empty() {
+        let _ = writeln!(s, "      if (((it + 1) & {}) == 0 || it == ntiles) {{", TACC_TILES - 1);
+        for (k, n) in model.params.iter().enumerate() {
+            let _ = writeln!(s, "        dacc[{0} + wk] += (double)tacc0_{1};\n        dacc[{2} + wk] += (double)tacc1_{1};", 2 * k * workers, id(n), (2 * k + 1) * workers);
+            let _ = writeln!(s, "        tacc0_{0} = 0.0f; tacc1_{0} = 0.0f;", id(n));
+        }
+        let _ = writeln!(s, "      }}");
     }
     let _ = writeln!(s, "{end}\n  }}\n  }}");
     // Results: the initial-state adjoints from the chain; the parameter gradients summed over
