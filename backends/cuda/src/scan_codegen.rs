@@ -1386,6 +1386,27 @@ mod tests {
     }
 
     #[test]
+    fn the_recompute_keeps_the_lets_the_chain_reads() {
+        // Selective PLIF as the scan-fusion pass leaves it: β = σ(b + b1) is a let of an input.
+        let mut m = neuron::selective_plif();
+        m.name = "selective_fused".into();
+        m.params = vec!["b1".into()];
+        m.inputs = vec!["b".into(), "u".into(), "theta".into()];
+        m.lets = vec![neuron::Binding { name: "beta".into(), expr: sparkc_ir::parse_expr("sigmoid(b + b1)").unwrap() }];
+        let vp = ["vpost".to_string()];
+        let split = split_adjoint(&m, &vp).unwrap();
+        assert_eq!(recompute_stash(&m, &split), [("f0".to_string(), "beta".to_string())]);
+        let (io, g) = ([Elem::Bf16; 3], [Elem::Bf16]);
+        let plan = adjoint_tile_plan(&m, &vp, &io, &g, 7168, TILE_THREADS, 227 * 1024).unwrap();
+        let k = scan_adjoint_tiled("sel_bwd", &m, &vp, false, &io, &g, &io, plan).unwrap();
+        // The chain reads σ from the stash and evaluates none; the recompute stores it.
+        let chain = &k[k.find("if (chain) {\n  for").unwrap()..k.find("} else if (pt <").unwrap()];
+        let recompute = &k[k.find("} else if (pt <").unwrap()..];
+        assert!(!chain.contains("sp_sigmoid") && chain.contains("const float v_f0 = ss["), "{chain}");
+        assert!(recompute.contains("ss[0 + (15) * 128 + ch] = keep_1_15;"), "{recompute}");
+    }
+
+    #[test]
     fn the_modulation_prologue_leaves_the_chain() {
         // Fused selective PLIF: σ, softplus and |·| of the inputs are state-independent.
         let m = neuron::plif();
