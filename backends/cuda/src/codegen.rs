@@ -88,10 +88,11 @@ __device__ __forceinline__ unsigned short sp_bf16(float v) {
     unsigned short h;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
-#endif
+#else
     unsigned int u = __float_as_uint(v);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
     return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
 }
 __device__ __forceinline__ void sp_st(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void sp_st(unsigned short* p, long long i, float v) { p[i] = sp_bf16(v); }

@@ -236,11 +236,11 @@ fn simple_scan_launch(cols: usize) -> LaunchConfig {
 /// Below this many rows a library row kernel gives each row a whole block.
 const FEW_ROWS: usize = 2048;
 
-/// The team of threads per row of the library's row kernels (`ROW_TEAM`): a warp per row, eight
-/// rows per block, when there are many rows; a 256-thread block per row when there are few.
 /// The widest rows `sp_rms_norm_grad_blocks` takes (32 lanes × RMS_LANE_VECS float4s).
 const RMS_GRAD_BLOCK_COLS: usize = 32 * 32;
 
+/// The team of threads per row of the library's row kernels (`ROW_TEAM`): a warp per row, eight
+/// rows per block, when there are many rows; a 256-thread block per row when there are few.
 fn row_teams(rows: usize) -> LaunchConfig {
     if rows < FEW_ROWS {
         return LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };

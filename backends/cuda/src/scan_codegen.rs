@@ -1222,12 +1222,7 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
     epi.push_str(tail);
     // The chain on tile it.
     let mut chain = String::new();
-    let _ = writeln!(chain, "      if (it >= 0 && it < ntiles) {{");
-    let _ = writeln!(chain, "        const int tl = ntiles - 1 - it;");
-    let _ = writeln!(chain, "        const unsigned char* stg = sp_smem + (it % {ns}) * {raw_stage};");
-    let _ = writeln!(chain, "        const float* sv = (const float*)(sp_smem + {sv_base} + (it % 3) * {sv_stage});");
-    let _ = writeln!(chain, "        float* sa = (float*)(sp_smem + {sa_base} + (it & 1) * {sv_stage});");
-    let _ = writeln!(chain, "        const float* ss = (const float*)(sp_smem + {ss_base} + (it % 3) * {ss_stage});\n        (void)ss;");
+    head(&mut chain, "it");
     // The values the chain reads that do not depend on the carried adjoint: the recompute's
     // stash, and the rest evaluated by the chain itself from the tile's inputs and states
     // (they are few and cheap: the output gradient, say).
@@ -1266,19 +1261,20 @@ pub fn scan_adjoint_tiled(name: &str, model: &NeuronModel, emit: &[String], toke
         }
     };
     // As in the forward: a whole tile is straight-line code, the first (partial) tile a loop.
-    let _ = writeln!(chain, "        if (tl * {l} + {l} <= S) {{");
+    let _ = writeln!(chain, "        if (s0 + {l} <= S) {{");
     let steps: Vec<usize> = (0..l).rev().collect();
     let mut whole_step = |s: &mut String, j: usize| {
-        let _ = writeln!(s, "        {{\n        const int step = tl * {l} + {j};\n        (void)step;");
+        let _ = writeln!(s, "        {{\n        const int step = s0 + {j};\n        (void)step;");
         chain_step(s, &j.to_string(), true);
         let _ = writeln!(s, "        }}");
     };
     kept_tile(&mut chain, "        ", "keep_a", nst, &steps, &mut whole_step, &|k, j| format!("sa[{} + {j} * {t} + tid]", k * tile_floats));
     let _ = writeln!(chain, "        }} else {{");
     let _ = writeln!(chain, "        for (int j = {}; j >= 0; --j) {{", l - 1);
-    let _ = writeln!(chain, "        const int step = tl * {l} + j;\n        if (step >= S) continue;");
+    let _ = writeln!(chain, "        const int step = s0 + j;\n        if (step >= S) continue;");
     chain_step(&mut chain, "j", false);
-    let _ = writeln!(chain, "        }}\n        }}\n      }}");
+    let _ = writeln!(chain, "        }}\n        }}");
+    chain.push_str(tail);
 
     // The pipeline: tiles 0..lead in flight, then one iteration per tile, one to fill and one
     // to drain.
